@@ -1,0 +1,8 @@
+"""Fused kernels of lorap_jax, importable as `lorap_jax.kernels`."""
+
+from lorap_jax.kernels.lorap_prompt import (
+  lorap_prompt,
+  lorap_prompt_reference,
+)
+
+__all__ = ["lorap_prompt", "lorap_prompt_reference"]

@@ -1,0 +1,188 @@
+"""The `lorap` command line: `lorap train ...`."""
+
+import argparse
+import ast
+import pathlib
+import sys
+
+from lorap_jax._src import config as config_lib
+from lorap_jax._src import models, prompts
+from lorap_jax._src import quantization as q
+from lorap_jax._src import train as train_lib
+from lorap_jax._src.data import DATASET_NAMES
+
+# Flag -> (config path, type). Only flags the user gives override the
+# dataset's defaults.
+_FLAG_TO_CONFIG = {
+  "model": ("model.architecture", str),
+  "framework": ("quant.framework", str),
+  "bits": ("quant.bits", int),
+  "prompt": ("prompt.kind", str),
+  "rank": ("prompt.rank", int),
+  "num_prompts": ("prompt.num_prompts", int),
+  "prompt_lr": ("prompt.learning_rate", float),
+  "epochs": ("train.epochs", int),
+  "lr": ("train.learning_rate", float),
+  "weight_decay": ("train.weight_decay", float),
+  "batch_size": ("train.batch_size", int),
+  "selection": ("train.selection", str),
+  "hidden": ("model.hidden", int),
+  "layers": ("model.num_layers", int),
+  "dropout": ("model.dropout", float),
+  "seeds": ("seeds", int),
+  "folds": ("folds", int),
+  "data_dir": ("data_dir", str),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="lorap",
+    description="Quantization-aware GNN training with LoRAP prompts (JAX).",
+  )
+  commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser(
+    "train",
+    help="train and evaluate one configuration over several seeds or folds",
+    description=(
+      "Trains a (quantized) GNN and writes config.json, metrics.jsonl and "
+      "summary.json to --workdir. Flags left out keep the dataset's defaults."
+    ),
+  )
+  train.add_argument("--dataset", required=True, help=", ".join(DATASET_NAMES))
+  train.add_argument("--workdir", required=True, help="output directory")
+  train.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
+  train.add_argument("--model", help="gcn, gin or gat")
+  train.add_argument("--framework", help="fp32 or qat")
+  train.add_argument("--bits", type=int, help="bit width, 1..16")
+  train.add_argument("--prompt", help="none, gpf, gpf-plus, lorap, gpf-lorap")
+  train.add_argument("--rank", type=int, help="LoRAP rank r")
+  train.add_argument("--num-prompts", type=int, help="prompts k")
+  train.add_argument("--prompt-lr", type=float, help="prompt learning rate")
+  train.add_argument("--epochs", type=int)
+  train.add_argument("--lr", type=float, help="backbone learning rate")
+  train.add_argument("--weight-decay", type=float)
+  train.add_argument("--batch-size", type=int, help="graph tasks")
+  train.add_argument("--selection", help="val_acc or val_loss")
+  train.add_argument("--hidden", type=int)
+  train.add_argument("--layers", type=int)
+  train.add_argument("--dropout", type=float)
+  train.add_argument("--seeds", type=int, help="runs (per fold)")
+  train.add_argument("--folds", type=int, help="CV folds to run, 1..10")
+  train.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override any config field, e.g. --set quant.gradient=clipped",
+  )
+  train.add_argument(
+    "--no-progress", action="store_true", help="hide the progress bar"
+  )
+  return parser
+
+
+def build_config(args: argparse.Namespace):
+  """The dataset's default config with the given flags applied.
+
+  Raises:
+    ValueError: on unknown names or out-of-range values.
+  """
+  if args.dataset.lower() not in DATASET_NAMES:
+    raise ValueError(
+      f"unknown dataset {args.dataset!r}; known: {', '.join(DATASET_NAMES)}"
+    )
+  config = config_lib.get_config(args.dataset.lower())
+  for flag, (path, _) in _FLAG_TO_CONFIG.items():
+    value = getattr(args, flag)
+    if value is not None:
+      _set(config, path, value)
+  for item in args.set:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r} must look like KEY=VALUE")
+    _set(config, key, _parse_value(raw))
+  _check_names(config)
+  return config
+
+
+def _parse_value(raw: str):
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def _set(config, path: str, value) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for name in parents:
+    if name not in node:
+      raise ValueError(f"unknown config field {path!r}")
+    node = node[name]
+  if leaf not in node:
+    raise ValueError(f"unknown config field {path!r}")
+  node[leaf] = value
+
+
+def _check_names(config) -> None:
+  """Early, readable refusals for the common mistakes."""
+  if config.model.architecture not in models.ARCHITECTURES:
+    raise ValueError(
+      f"unknown model {config.model.architecture!r}; "
+      f"choose from {models.ARCHITECTURES}"
+    )
+  if config.quant.framework not in config_lib.FRAMEWORKS:
+    raise ValueError(
+      f"unknown framework {config.quant.framework!r}; "
+      f"choose from {config_lib.FRAMEWORKS}"
+    )
+  if config.prompt.kind not in prompts.PROMPT_KINDS:
+    raise ValueError(
+      f"unknown prompt {config.prompt.kind!r}; "
+      f"choose from {prompts.PROMPT_KINDS}"
+    )
+  q.check_bits(config.quant.bits)
+  for name, value in (
+    ("rank", config.prompt.rank),
+    ("num-prompts", config.prompt.num_prompts),
+  ):
+    if value < 1:
+      raise ValueError(f"--{name}={value} must be at least 1")
+
+
+def format_summary(summary: dict) -> str:
+  """A short human-readable report of a run."""
+  bits = "FP32" if summary["bits"] is None else f"INT{summary['bits']}"
+  lines = [
+    f"{summary['dataset']} / {summary['model'].upper()} / {bits} "
+    f"{summary['framework']} / prompt: {summary['prompt']}",
+    f"  test accuracy  {100 * summary['test_acc_mean']:.2f} "
+    f"± {100 * summary['test_acc_std']:.2f} %  ({summary['num_runs']} runs)",
+    f"  val accuracy   {100 * summary['val_acc_mean']:.2f} "
+    f"± {100 * summary['val_acc_std']:.2f} %",
+    f"  epoch time     {summary['epoch_time_ms_median']:.2f} ms (median)",
+    f"  parameters     {summary['num_params']:,} "
+    f"({summary['num_prompt_params']:,} in prompts)",
+    f"  protocol       {summary['protocol']}",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    config = build_config(args)
+    summary = train_lib.train_and_evaluate(
+      config, args.workdir, progress=not args.no_progress
+    )
+  except (ValueError, FileNotFoundError) as error:
+    print(f"lorap: error: {error}", file=sys.stderr)
+    return 2
+  print(format_summary(summary))
+  print(f"  written to     {pathlib.Path(args.workdir) / 'summary.json'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

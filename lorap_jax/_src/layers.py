@@ -1,0 +1,358 @@
+"""Quantized GCN, GIN and GAT layers over `jraph.GraphsTuple`.
+
+Every layer exposes the named quantization points of `quant_points`
+(input, weight, xw, message, aggregate, output) and a hook right after the
+aggregate is quantized, where a post-aggregation prompt (LoRAP) goes:
+
+    S_hat  = Q_agg(segment_sum(messages))
+    S_star = hook(S_hat, grid of Q_agg)       # identity without a prompt
+    out    = Q_out(update(S_star))
+
+Aggregation is `jax.ops.segment_sum` with `num_segments` read from static
+shapes, so every layer is jit-friendly and vmappable. FP32 is the same layer
+with quantization off.
+"""
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from lorap_jax._src import quant_points
+from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
+
+# Signature: (s_hat [n_nodes, d], requantize | None) -> s_star [n_nodes, d],
+# where requantize(x) fake-quantizes x on the aggregate quantizer.
+PostAggregationFn = Callable[..., jax.Array]
+
+
+@flax.struct.dataclass
+class SparseFeatures:
+  """A sparse node-feature matrix in COO form (rows sorted).
+
+  Bag-of-words features (Planetoid) are over 98% zeros, and zero is exactly
+  representable after affine quantization (the range always contains it), so
+  the first layer can quantize and multiply the non-zeros alone.
+
+  Attributes:
+    rows: [nnz] int32 row (node) indices, sorted.
+    cols: [nnz] int32 feature indices.
+    values: [nnz] float32 values.
+    shape: static (n_nodes, n_features).
+  """
+
+  rows: jax.Array
+  cols: jax.Array
+  values: jax.Array
+  shape: tuple[int, int] = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def from_dense(cls, dense: np.ndarray) -> "SparseFeatures":
+    """Builds the COO form of a dense numpy matrix (host side)."""
+    rows, cols = np.nonzero(dense)
+    return cls(
+      rows=rows.astype(np.int32),
+      cols=cols.astype(np.int32),
+      values=np.asarray(dense[rows, cols], np.float32),
+      shape=tuple(dense.shape),
+    )
+
+  def replace_values(self, values: jax.Array) -> "SparseFeatures":
+    return self.replace(values=values)
+
+  def to_dense(self) -> jax.Array:
+    dense = jnp.zeros(self.shape, self.values.dtype)
+    return dense.at[self.rows, self.cols].add(self.values)
+
+
+Features = jax.Array | SparseFeatures
+
+
+def feature_width(x: Features) -> int:
+  return x.shape[-1]
+
+
+def matmul(x: Features, w: jax.Array) -> jax.Array:
+  """x @ w for dense or sparse x: [n, f] @ [f, d] -> [n, d]."""
+  if isinstance(x, SparseFeatures):
+    gathered = x.values[:, None] * w[x.cols]
+    return jax.ops.segment_sum(
+      gathered, x.rows, num_segments=x.shape[0], indices_are_sorted=True
+    )
+  return x @ w
+
+
+def quantize_features(module: nn.Module, x: Features, **kwargs) -> Features:
+  """The "input" point for dense or sparse features.
+
+  For sparse features only the non-zeros are quantized: the zeros map to
+  zero exactly, and the range (widened to contain zero) is the same as the
+  dense matrix's.
+  """
+  if isinstance(x, SparseFeatures):
+    values = quant_points.quantize_point(module, "input", x.values, **kwargs)
+    return x.replace_values(values)
+  return quant_points.quantize_point(module, "input", x, **kwargs)
+
+
+def add_self_loops(
+  senders: jax.Array, receivers: jax.Array, n_nodes: int
+) -> tuple[jax.Array, jax.Array]:
+  """Appends one self-loop per node (fill value 1, as PyG's GCNConv)."""
+  loops = jnp.arange(n_nodes, dtype=senders.dtype)
+  return (
+    jnp.concatenate([senders, loops]),
+    jnp.concatenate([receivers, loops]),
+  )
+
+
+def gcn_normalization(
+  senders: jax.Array, receivers: jax.Array, n_nodes: int
+) -> jax.Array:
+  """Symmetric GCN coefficients d_s^-1/2 d_r^-1/2 per edge, [n_edges].
+
+  Degrees are in-degrees over the given edges (self-loops included), so every
+  node has degree >= 1 once loops are added and no division by zero occurs.
+  """
+  ones = jnp.ones(receivers.shape, jnp.float32)
+  degree = jax.ops.segment_sum(ones, receivers, num_segments=n_nodes)
+  inv_sqrt = jnp.where(degree > 0, jax.lax.rsqrt(jnp.maximum(degree, 1.0)), 0.0)
+  return inv_sqrt[senders] * inv_sqrt[receivers]
+
+
+def _aggregate_and_prompt(
+  layer: "_QuantLayer", aggregate: jax.Array, *, bits, train
+) -> jax.Array:
+  """S_hat = Q_agg(aggregate), then the post-aggregation hook.
+
+  The hook re-quantizes with the same aggregate quantizer, as calling one
+  PyTorch quantizer module twice would: in training its range also observes
+  the prompted aggregate, so a prompt that moves values is not silently
+  clipped to the range of the unprompted ones.
+  """
+  s_hat = layer.qpoint("aggregate", aggregate, bits=bits, train=train)
+  if layer.prompt is None:
+    return s_hat
+  requantize = None
+  if layer.quant.active("aggregate"):
+    requantize = functools.partial(
+      layer.qpoint, "aggregate", bits=bits, train=train
+    )
+  return layer.prompt(s_hat, requantize)
+
+
+class _QuantLayer(nn.Module):
+  """Shared quantization plumbing (bits, config, train flag)."""
+
+  quant: QuantConfig = quant_points.FP32
+
+  def grid(self, name, x, *, bits, train, mask=None):
+    return point_grid(
+      self, name, x, bits=bits, config=self.quant, train=train, mask=mask
+    )
+
+  def qpoint(self, name, x, *, bits, train, mask=None):
+    grid = self.grid(name, x, bits=bits, train=train, mask=mask)
+    return apply_grid(x, grid, self.quant)
+
+
+class QuantDense(_QuantLayer):
+  """A linear layer with "input", "weight" and "xw" quantization points.
+
+  Attributes:
+    features: output width.
+    quantize_input: whether the input point is active (off where the input is
+      already on a grid, e.g. right after a quantized aggregate).
+    use_bias: add a bias after the quantized product.
+  """
+
+  features: int = 0
+  quantize_input: bool = True
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Features, *, bits=None, train: bool = False):
+    """[n, f] -> [n, features]."""
+    if self.quantize_input:
+      x = quantize_features(self, x, bits=bits, config=self.quant, train=train)
+    kernel = self.param(
+      "kernel",
+      nn.initializers.glorot_uniform(),
+      (feature_width(x), self.features),
+    )
+    kernel = self.qpoint("weight", kernel, bits=bits, train=train)
+    y = self.qpoint("xw", matmul(x, kernel), bits=bits, train=train)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))[None]
+    return y
+
+
+class QuantGCNConv(_QuantLayer):
+  """GCN layer (Kipf & Welling): D^-1/2 (A + I) D^-1/2 X W + b, quantized.
+
+  Points, in order: input x, weight W, xw = XW, message norm_ij * xw_j,
+  aggregate, output (after the bias), as Degree-Quant's GCNConvQuant (its
+  separate "norm" point is not modelled).
+
+  Attributes:
+    features: output width.
+    prompt: post-aggregation hook (a `LoRAP` module) or None.
+    self_loops: add self-loops before normalising.
+  """
+
+  features: int = 0
+  prompt: PostAggregationFn | None = None
+  self_loops: bool = True
+
+  @nn.compact
+  def __call__(self, graph: jraph.GraphsTuple, *, bits=None, train=False):
+    """Returns the graph with nodes [n_nodes, features]."""
+    n_nodes = graph.nodes.shape[0]
+    xw = QuantDense(
+      features=self.features, use_bias=False, quant=self.quant, name="linear"
+    )(graph.nodes, bits=bits, train=train)
+    senders, receivers = graph.senders, graph.receivers
+    if self.self_loops:
+      senders, receivers = add_self_loops(senders, receivers, n_nodes)
+    norm = gcn_normalization(senders, receivers, n_nodes)
+    messages = norm[:, None] * xw[senders]
+    messages = self.qpoint("message", messages, bits=bits, train=train)
+    aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
+    s_star = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    out = (
+      s_star + self.param("bias", nn.initializers.zeros, (self.features,))[None]
+    )
+    out = self.qpoint("output", out, bits=bits, train=train)
+    return graph._replace(nodes=out)
+
+
+class QuantGINConv(_QuantLayer):
+  """GIN layer: MLP((1 + eps) x_i + sum_j x_j) with a trainable eps.
+
+  Points: input x, message x_j, aggregate (the whole (1 + eps) x_i + sum),
+  the MLP's weights and products ("weight", "xw"), and output (after the MLP
+  and its BatchNorm, Degree-Quant's "update_q"). The MLP is
+  Linear-ReLU-Linear-ReLU(-BatchNorm), as in Degree-Quant's GIN.
+
+  Attributes:
+    features: output width.
+    prompt: post-aggregation hook or None.
+    batch_norm: end the MLP with BatchNorm over the real (unpadded) nodes.
+  """
+
+  features: int = 0
+  prompt: PostAggregationFn | None = None
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(
+    self,
+    graph: jraph.GraphsTuple,
+    *,
+    bits=None,
+    train: bool = False,
+    node_mask: jax.Array | None = None,
+  ):
+    """Returns the graph with nodes [n_nodes, features]."""
+    x = graph.nodes
+    if isinstance(x, SparseFeatures):
+      x = x.to_dense()
+    n_nodes = x.shape[0]
+    x = self.qpoint("input", x, bits=bits, train=train)
+    messages = self.qpoint("message", x[graph.senders], bits=bits, train=train)
+    eps = self.param("eps", nn.initializers.zeros, ())
+    aggregate = (1.0 + eps) * x + jax.ops.segment_sum(
+      messages, graph.receivers, num_segments=n_nodes
+    )
+    h = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    for i in range(2):
+      h = QuantDense(
+        features=self.features,
+        quantize_input=i > 0,
+        quant=self.quant,
+        name=f"mlp_{i}",
+      )(h, bits=bits, train=train)
+      h = nn.relu(h)
+    if self.batch_norm:
+      h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(
+        h, mask=None if node_mask is None else node_mask[:, None]
+      )
+    h = self.qpoint("output", h, bits=bits, train=train)
+    return graph._replace(nodes=h)
+
+
+class QuantGATConv(_QuantLayer):
+  """GAT layer (Velickovic et al.) with additive attention, quantized.
+
+  Points: input x, weight W, xw = XW, message alpha_ij * xw_j, aggregate,
+  output. Attention logits LeakyReLU(a_s . xw_j + a_d . xw_i) are normalised
+  over each node's incoming edges with a segment softmax. The prompt sees the
+  aggregate of all heads, [n_nodes, heads * features].
+
+  Attributes:
+    features: width per head.
+    heads: number of attention heads.
+    concat: concatenate heads (hidden layers) or average them (output).
+    attention_dropout: dropout on the attention coefficients in training.
+    prompt: post-aggregation hook or None.
+  """
+
+  features: int = 0
+  heads: int = 1
+  concat: bool = True
+  attention_dropout: float = 0.0
+  negative_slope: float = 0.2
+  prompt: PostAggregationFn | None = None
+
+  @nn.compact
+  def __call__(self, graph: jraph.GraphsTuple, *, bits=None, train=False):
+    """Returns the graph with nodes [n_nodes, heads * features] or
+    [n_nodes, features] (concat=False)."""
+    n_nodes = graph.nodes.shape[0]
+    h, f = self.heads, self.features
+    xw = QuantDense(
+      features=h * f, use_bias=False, quant=self.quant, name="linear"
+    )(graph.nodes, bits=bits, train=train).reshape(n_nodes, h, f)
+    senders, receivers = add_self_loops(graph.senders, graph.receivers, n_nodes)
+    glorot = nn.initializers.glorot_uniform()
+    att_src = self.param("att_src", glorot, (1, h, f))
+    att_dst = self.param("att_dst", glorot, (1, h, f))
+    logits = nn.leaky_relu(
+      jnp.sum(xw * att_src, -1)[senders] + jnp.sum(xw * att_dst, -1)[receivers],
+      self.negative_slope,
+    )
+    alpha = segment_softmax(logits, receivers, n_nodes)  # [n_edges, heads]
+    if train and self.attention_dropout > 0:
+      alpha = nn.Dropout(self.attention_dropout, deterministic=False)(alpha)
+    messages = alpha[..., None] * xw[senders]
+    messages = self.qpoint("message", messages, bits=bits, train=train)
+    aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
+    aggregate = aggregate.reshape(n_nodes, h * f)
+    s_star = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    if self.concat:
+      out, width = s_star, h * f
+    else:
+      out, width = s_star.reshape(n_nodes, h, f).mean(axis=1), f
+    out = out + self.param("bias", nn.initializers.zeros, (width,))[None]
+    out = self.qpoint("output", out, bits=bits, train=train)
+    return graph._replace(nodes=out)
+
+
+def segment_softmax(
+  logits: jax.Array, segment_ids: jax.Array, num_segments: int
+) -> jax.Array:
+  """Softmax of `logits` [n_edges, ...] within each segment (receiver).
+
+  The per-segment max is subtracted first (under stop_gradient, which leaves
+  the softmax unchanged) so that exp never overflows.
+  """
+  seg_max = jax.ops.segment_max(logits, segment_ids, num_segments=num_segments)
+  shifted = logits - jax.lax.stop_gradient(seg_max)[segment_ids]
+  exp = jnp.exp(shifted)
+  total = jax.ops.segment_sum(exp, segment_ids, num_segments=num_segments)
+  return exp / total[segment_ids]

@@ -1,0 +1,225 @@
+"""Quantized GNN models for node and graph classification."""
+
+import dataclasses
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+
+from lorap_jax._src import layers, prompts
+from lorap_jax._src import quant_points as qp
+
+Architecture = Literal["gcn", "gin", "gat"]
+ARCHITECTURES = ("gcn", "gin", "gat")
+TASKS = ("node", "graph")
+READOUTS = ("mean", "sum", "max")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Static architecture of a GNN.
+
+  Attributes:
+    architecture: "gcn", "gin" or "gat".
+    task: "node" (per-node logits) or "graph" (pooled per-graph logits).
+    num_classes: output width.
+    hidden: hidden width (for GAT the total over heads).
+    num_layers: message-passing layers.
+    dropout: dropout on features before each message-passing layer.
+    readout_dropout: dropout between the two readout layers (graph tasks).
+    heads: GAT attention heads in hidden layers (the output layer uses one).
+    attention_dropout: GAT dropout on attention coefficients.
+    batch_norm: BatchNorm at the end of each GIN MLP.
+    readout: graph pooling for graph tasks.
+  """
+
+  architecture: Architecture = "gcn"
+  task: str = "node"
+  num_classes: int = 2
+  hidden: int = 64
+  num_layers: int = 2
+  dropout: float = 0.5
+  readout_dropout: float = 0.5
+  heads: int = 8
+  attention_dropout: float = 0.6
+  batch_norm: bool = False
+  readout: str = "mean"
+
+  def __post_init__(self):
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(
+        f"model={self.architecture!r} is not one of {ARCHITECTURES}"
+      )
+    if self.task not in TASKS:
+      raise ValueError(f"task={self.task!r} is not one of {TASKS}")
+    if self.readout not in READOUTS:
+      raise ValueError(f"readout={self.readout!r} is not one of {READOUTS}")
+    for name in ("num_classes", "hidden", "num_layers", "heads"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    for name in ("dropout", "readout_dropout", "attention_dropout"):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value} must be in [0, 1)")
+    if self.architecture == "gat" and self.hidden % self.heads:
+      raise ValueError(
+        f"hidden={self.hidden} must be a multiple of heads={self.heads}"
+      )
+
+
+def feature_dropout(
+  module: nn.Module, x: layers.Features, rate: float, train: bool
+):
+  """Dropout on dense features, or on the non-zeros of sparse ones."""
+  if not train or rate == 0.0:
+    return x
+  drop = nn.Dropout(rate, deterministic=False)
+  if isinstance(x, layers.SparseFeatures):
+    return x.replace_values(drop(x.values))
+  return drop(x)
+
+
+class GNN(nn.Module):
+  """A quantized GCN / GIN / GAT with optional GPF and LoRAP prompts.
+
+  Node tasks: [dropout -> conv -> ReLU] x (L - 1), dropout -> conv, giving
+  per-node logits. Graph tasks: L hidden convs, a masked readout over each
+  graph, then Linear-ReLU-dropout-Linear (both quantized), as Degree-Quant's
+  GIN. GPF / GPF-plus act on the input features; LoRAP after every
+  aggregation.
+
+  Attributes:
+    model: the architecture.
+    quant: the fake-quantization config (FP32 when disabled).
+    prompt: the prompt config.
+  """
+
+  model: ModelConfig
+  quant: qp.QuantConfig = qp.FP32
+  prompt: prompts.PromptConfig = prompts.PromptConfig()
+
+  @nn.compact
+  def __call__(
+    self, graph: jraph.GraphsTuple, *, bits=None, train: bool = False
+  ) -> jax.Array:
+    """Logits: [n_nodes, num_classes] (node) or [n_graphs, num_classes].
+
+    Args:
+      graph: nodes are dense [n_nodes, f] or `SparseFeatures`; senders and
+        receivers hold both directions of every edge, without self-loops.
+      bits: bit width (array) for every active quantization point.
+      train: training mode (dropout on, ranges and BatchNorm stats updated;
+        needs the "dropout" rng and mutable collections).
+    """
+    if self.quant.enabled and bits is None:
+      raise ValueError("bits must be given when quantization is enabled")
+    cfg = self.model
+    node_mask = None
+    if cfg.task == "graph":
+      node_mask = jraph.get_node_padding_mask(graph)
+    widths = self._layer_widths()
+    for i, width in enumerate(widths):
+      last_layer = cfg.task == "node" and i == len(widths) - 1
+      x = feature_dropout(self, graph.nodes, cfg.dropout, train)
+      graph = graph._replace(nodes=x)
+      if i == 0:
+        # The node prompt is a parameter, not data: it goes in after the
+        # input dropout, which would otherwise scatter it across features.
+        graph = self._prompt_inputs(graph)
+      conv = self._conv(i, width, last_layer)
+      if cfg.architecture == "gin":
+        graph = conv(graph, bits=bits, train=train, node_mask=node_mask)
+      else:
+        graph = conv(graph, bits=bits, train=train)
+      if not last_layer and cfg.architecture != "gin":
+        # GIN's MLP already ends in ReLU (and BatchNorm).
+        graph = graph._replace(nodes=nn.relu(graph.nodes))
+    if cfg.task == "node":
+      return graph.nodes
+    return self._readout(graph, bits=bits, train=train)
+
+  def _layer_widths(self) -> list[int]:
+    cfg = self.model
+    widths = [cfg.hidden] * cfg.num_layers
+    if cfg.task == "node":
+      widths[-1] = cfg.num_classes
+    return widths
+
+  def _prompt_inputs(self, graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
+    kind = self.prompt.node_prompt
+    if kind is None:
+      return graph
+    x = graph.nodes
+    if isinstance(x, layers.SparseFeatures):
+      x = x.to_dense()  # A node prompt makes every feature non-zero.
+    if kind == "gpf":
+      x = prompts.GPF(name="gpf")(x)
+    else:
+      x = prompts.GPFPlus(self.prompt.num_prompts, name="gpf_plus")(x)
+    return graph._replace(nodes=x)
+
+  def _lorap(self, i: int):
+    if not self.prompt.uses_lorap:
+      return None
+    return prompts.LoRAP(
+      num_prompts=self.prompt.num_prompts,
+      rank=self.prompt.rank,
+      basis_init=self.prompt.init,
+      implementation=self.prompt.implementation,
+      name=f"lorap_{i}",
+    )
+
+  def _conv(self, i: int, width: int, last_layer: bool) -> nn.Module:
+    cfg = self.model
+    common = dict(quant=self.quant, prompt=self._lorap(i), name=f"conv_{i}")
+    if cfg.architecture == "gcn":
+      return layers.QuantGCNConv(features=width, **common)
+    if cfg.architecture == "gin":
+      return layers.QuantGINConv(
+        features=width, batch_norm=cfg.batch_norm, **common
+      )
+    heads = 1 if last_layer else cfg.heads
+    return layers.QuantGATConv(
+      features=width // heads,
+      heads=heads,
+      concat=not last_layer,
+      attention_dropout=cfg.attention_dropout,
+      **common,
+    )
+
+  def _readout(self, graph: jraph.GraphsTuple, *, bits, train) -> jax.Array:
+    cfg = self.model
+    pooled = pool_graphs(graph, cfg.readout)
+    h = layers.QuantDense(
+      features=cfg.hidden, quant=self.quant, name="readout_0"
+    )(pooled, bits=bits, train=train)
+    h = nn.relu(h)
+    h = feature_dropout(self, h, cfg.readout_dropout, train)
+    return layers.QuantDense(
+      features=cfg.num_classes, quant=self.quant, name="readout_1"
+    )(h, bits=bits, train=train)
+
+
+def pool_graphs(graph: jraph.GraphsTuple, readout: str) -> jax.Array:
+  """Per-graph mean / sum / max of node features, [n_graphs, features]."""
+  n_graphs = graph.n_node.shape[0]
+  n_nodes = graph.nodes.shape[0]
+  graph_ids = jnp.repeat(
+    jnp.arange(n_graphs), graph.n_node, total_repeat_length=n_nodes
+  )
+  if readout == "max":
+    pooled = jax.ops.segment_max(graph.nodes, graph_ids, n_graphs)
+    # Empty (padding) graphs give -inf; keep the logits finite.
+    return jnp.where(jnp.isfinite(pooled), pooled, 0.0)
+  total = jax.ops.segment_sum(graph.nodes, graph_ids, n_graphs)
+  if readout == "sum":
+    return total
+  count = jnp.maximum(graph.n_node, 1).astype(total.dtype)
+  return total / count[:, None]
+
+
+def count_parameters(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

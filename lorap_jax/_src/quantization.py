@@ -1,0 +1,364 @@
+"""Fake quantization: numerics, straight-through estimators, calibration.
+
+The layout follows AQT: *numerics* (integer grid, rounding) are pure functions,
+*calibration* turns observed ranges into a scale and zero point and lives in an
+explicit `RangeState`, and the gradient rule is one `jax.custom_vjp`.
+
+Bucket arithmetic of the affine quantizer with `b` bits (Degree-Quant's
+`IntegerQuantizer`, `frameworks.md` section 1.1):
+
+| quantity         | value                                              |
+|------------------|----------------------------------------------------|
+| qmin, qmax       | unsigned: 0, 2^b - 1; signed: -2^(b-1), 2^(b-1) - 1 |
+| range            | [min(lo, 0), max(hi, 0)]: zero is always on the grid |
+| scale s          | (hi - lo) / (qmax - qmin), at least float32 eps    |
+| zero point z     | clip(qmin - round(lo / s), qmin, qmax)             |
+| code q           | clip(round(x / s + z), qmin, qmax)                 |
+| dequantized      | (q - z) * s                                        |
+
+The symmetric quantizer (A2Q) has z = 0 and codes in [-(2^(b-1) - 1),
+2^(b-1) - 1]. Bit widths are arrays everywhere, so they can be traced, swept
+with `vmap` and differentiated by learned-bit frameworks.
+"""
+
+import functools
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RoundingMode = Literal["half_even", "half_away"]
+GradientMode = Literal["identity", "clipped"]
+CalibrationMode = Literal["ema", "running", "percentile"]
+
+ROUNDING_MODES = ("half_even", "half_away")
+GRADIENT_MODES = ("identity", "clipped")
+CALIBRATION_MODES = ("ema", "running", "percentile")
+MIN_BITS, MAX_BITS = 1, 16
+
+_EPS = float(np.finfo(np.float32).eps)
+
+
+def check_bits(bits) -> None:
+  """Refuses bit widths that are not integers in 1..16 (concrete values only).
+
+  Args:
+    bits: a Python number or a concrete array of bit widths. Traced values are
+      not checked (they cannot be inspected without a host sync).
+
+  Raises:
+    ValueError: if any bit width is not an integer in [1, 16].
+  """
+  if isinstance(bits, jax.core.Tracer):
+    return
+  values = np.asarray(bits, dtype=np.float64)
+  bad = (values != np.round(values)) | (values < MIN_BITS) | (values > MAX_BITS)
+  if np.any(bad):
+    raise ValueError(
+      f"bits={values[bad].tolist()} must be integers in {MIN_BITS}..{MAX_BITS}"
+    )
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+# ---------------------------------------------------------------------------
+# Numerics.
+# ---------------------------------------------------------------------------
+
+
+def integer_range(bits, *, signed: bool) -> tuple[jax.Array, jax.Array]:
+  """The integer grid [qmin, qmax] of a `bits`-wide code, as float32 arrays.
+
+  Args:
+    bits: bit width, any shape (broadcasts with the tensor's scale).
+    signed: two's-complement range instead of [0, 2^b - 1].
+
+  Returns:
+    `(qmin, qmax)` with the shape of `bits`.
+  """
+  bits = jnp.asarray(bits, jnp.float32)
+  levels = jnp.exp2(bits)
+  if signed:
+    qmin = -levels / 2
+    return qmin, qmin + levels - 1
+  return jnp.zeros_like(levels), levels - 1
+
+
+def round_to_integer(x: jax.Array, rounding: RoundingMode) -> jax.Array:
+  """Rounds to integers: half to even (torch.round) or half away from zero.
+
+  Examples:
+    >>> round_to_integer(jnp.array([0.5, 1.5, -0.5]), "half_even")
+    Array([ 0.,  2., -0.], dtype=float32)
+    >>> round_to_integer(jnp.array([0.5, 1.5, -0.5]), "half_away")
+    Array([ 1.,  2., -1.], dtype=float32)
+  """
+  if rounding == "half_even":
+    return jnp.round(x)
+  if rounding == "half_away":
+    # A2Q's rule: sign(x) * floor(|x| + 0.5).
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+  raise ValueError(f"rounding={rounding!r} is not one of {ROUNDING_MODES}")
+
+
+class QParams(NamedTuple):
+  """Everything a fake quantizer needs: scale, zero point and integer grid.
+
+  All fields broadcast against the quantized tensor (scalars for per-tensor
+  quantization, `[features]` for per-channel).
+  """
+
+  scale: jax.Array
+  zero_point: jax.Array
+  qmin: jax.Array
+  qmax: jax.Array
+
+
+def affine_qparams(lo, hi, bits, *, signed: bool = False) -> QParams:
+  """Scale and zero point of the affine quantizer for the range [lo, hi].
+
+  Degree-Quant's rules: the range is widened to contain zero (so a zero
+  feature stays exactly zero), the scale is floored at float32 eps, and an
+  empty range gives scale 1 and zero point 0.
+
+  Args:
+    lo: lower end of the observed range.
+    hi: upper end of the observed range.
+    bits: bit width.
+    signed: use the signed integer grid (this only shifts the codes).
+
+  Returns:
+    The `QParams` of the grid.
+  """
+  qmin, qmax = integer_range(bits, signed=signed)
+  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
+  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  empty = hi == lo
+  scale = jnp.where(empty, 1.0, jnp.maximum((hi - lo) / (qmax - qmin), _EPS))
+  zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+  zero_point = jnp.where(empty, 0.0, zero_point)
+  return QParams(scale, zero_point, qmin, qmax)
+
+
+def symmetric_qparams(abs_max, bits) -> QParams:
+  """Signed symmetric grid with levels +-(2^(b-1) - 1) covering `abs_max`."""
+  qmax = jnp.exp2(jnp.asarray(bits, jnp.float32) - 1) - 1
+  # One bit leaves no level but zero; keep the scale finite all the same.
+  scale = jnp.maximum(jnp.asarray(abs_max, jnp.float32), _EPS)
+  scale = scale / jnp.maximum(qmax, 1.0)
+  return QParams(scale, jnp.zeros_like(scale), -qmax, qmax)
+
+
+# ---------------------------------------------------------------------------
+# The straight-through estimator.
+# ---------------------------------------------------------------------------
+
+
+def _codes(x, scale, zero_point, rounding):
+  return round_to_integer(x / scale + zero_point, rounding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fake_quant(x, qparams: QParams, rounding, gradient):
+  del gradient  # Only the backward pass reads it.
+  codes = _codes(x, qparams.scale, qparams.zero_point, rounding)
+  codes = jnp.clip(codes, qparams.qmin, qparams.qmax)
+  return ((codes - qparams.zero_point) * qparams.scale).astype(x.dtype)
+
+
+def _fake_quant_fwd(x, qparams, rounding, gradient):
+  out = _fake_quant(x, qparams, rounding, gradient)
+  if gradient == "identity":
+    return out, None
+  codes = _codes(x, qparams.scale, qparams.zero_point, rounding)
+  inside = (codes >= qparams.qmin) & (codes <= qparams.qmax)
+  return out, inside
+
+
+def _fake_quant_bwd(rounding, gradient, inside, g):
+  del rounding
+  # The grid is calibration state, not a learned quantity: no cotangent.
+  no_grad = None
+  if gradient == "identity":
+    return g, no_grad
+  return jnp.where(inside, g, jnp.zeros_like(g)), no_grad
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(
+  x: jax.Array,
+  qparams: QParams,
+  *,
+  rounding: RoundingMode = "half_even",
+  gradient: GradientMode = "identity",
+) -> jax.Array:
+  """Quantizes and dequantizes `x` on the grid `qparams`.
+
+  The backward pass is the straight-through estimator: the identity
+  (`gradient="identity"`, Degree-Quant's "STE"), or the identity masked to
+  zero where the code was clipped (`gradient="clipped"`, "GC", as PyTorch's
+  fake_quantize does). The grid gets no gradient.
+
+  Args:
+    x: the tensor, any shape.
+    qparams: the grid; its fields broadcast against `x`.
+    rounding: "half_even" (torch.round) or "half_away" (A2Q).
+    gradient: "identity" or "clipped".
+
+  Returns:
+    The dequantized values, shaped like `x`.
+
+  Examples:
+    >>> grid = affine_qparams(0.0, 1.5, 2)   # levels 0, .5, 1, 1.5
+    >>> fake_quant(jnp.array([0.2, 0.3, 2.0]), grid)
+    Array([0. , 0.5, 1.5], dtype=float32)
+  """
+  _check_choice("rounding", rounding, ROUNDING_MODES)
+  _check_choice("gradient", gradient, GRADIENT_MODES)
+  qparams = QParams(*(jnp.asarray(f, jnp.float32) for f in qparams))
+  return _fake_quant(x, qparams, rounding, gradient)
+
+
+def quantize_to_codes(
+  x: jax.Array, qparams: QParams, *, rounding: RoundingMode = "half_even"
+) -> jax.Array:
+  """The integer codes of `x` (float32 holding integers), no gradient rule."""
+  codes = _codes(x, qparams.scale, qparams.zero_point, rounding)
+  return jnp.clip(codes, qparams.qmin, qparams.qmax)
+
+
+# ---------------------------------------------------------------------------
+# Calibration: observed ranges as explicit state.
+# ---------------------------------------------------------------------------
+
+
+class RangeState(NamedTuple):
+  """Tracked range of one quantization point (a buffer, not a parameter)."""
+
+  lo: jax.Array
+  hi: jax.Array
+  initialized: jax.Array  # bool: the first observation sets the range.
+
+
+def init_range_state(shape: tuple[int, ...] = ()) -> RangeState:
+  """An empty range: the first observed batch will set it."""
+  zeros = jnp.zeros(shape, jnp.float32)
+  return RangeState(zeros, zeros, jnp.zeros((), bool))
+
+
+def observe_minmax(x: jax.Array, mask: jax.Array | None = None):
+  """Per-tensor min and max of `x` over the elements where `mask` is True.
+
+  Args:
+    x: any shape.
+    mask: boolean, broadcastable to `x`; masked-out elements are ignored
+      (filled with +-inf, so the reduction stays static-shaped under jit).
+
+  Returns:
+    `(lo, hi)` scalars; `(0, 0)` when nothing is unmasked.
+  """
+  if mask is None:
+    return jnp.min(x), jnp.max(x)
+  mask = jnp.broadcast_to(mask, x.shape)
+  lo = jnp.min(jnp.where(mask, x, jnp.inf))
+  hi = jnp.max(jnp.where(mask, x, -jnp.inf))
+  anything = jnp.any(mask)
+  return jnp.where(anything, lo, 0.0), jnp.where(anything, hi, 0.0)
+
+
+def observe_percentile(
+  x: jax.Array, fraction: float, mask: jax.Array | None = None
+):
+  """Lower and upper percentile with `torch.kthvalue`'s index rule.
+
+  Degree-Quant takes the k-th smallest value with k = max(1, int(n * p)) for
+  the low end and k = int(n * (1 - p)) for the high end (1-indexed), over the
+  unmasked elements only. Masked elements are sorted to the end, so the
+  indices stay valid for any number n of unmasked elements.
+
+  Args:
+    x: any shape.
+    fraction: p, the tail fraction (0.01 for INT4 in Degree-Quant).
+    mask: boolean, broadcastable to `x`.
+
+  Returns:
+    `(lo, hi)` scalars.
+  """
+  flat = x.reshape(-1)
+  if mask is None:
+    n = jnp.asarray(flat.shape[0], jnp.float32)
+  else:
+    keep = jnp.broadcast_to(mask, x.shape).reshape(-1)
+    n = jnp.sum(keep).astype(jnp.float32)
+    flat = jnp.where(keep, flat, jnp.inf)
+  ordered = jnp.sort(flat)
+  k_lo = jnp.maximum(1.0, jnp.floor(n * fraction))
+  k_hi = jnp.maximum(1.0, jnp.floor(n * (1.0 - fraction)))
+  lo = ordered[(k_lo - 1).astype(jnp.int32)]
+  hi = ordered[(k_hi - 1).astype(jnp.int32)]
+  empty = n == 0
+  return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+
+
+def update_ema(state: RangeState, lo, hi, momentum: float) -> RangeState:
+  """EMA of the range (the first batch sets it): r <- r + m * (cur - r)."""
+  new_lo = jnp.where(
+    state.initialized, state.lo + momentum * (lo - state.lo), lo
+  )
+  new_hi = jnp.where(
+    state.initialized, state.hi + momentum * (hi - state.hi), hi
+  )
+  return RangeState(new_lo, new_hi, jnp.ones((), bool))
+
+
+def update_running(state: RangeState, lo, hi) -> RangeState:
+  """Running min/max: the range only ever widens (MinMaxObserver)."""
+  new_lo = jnp.where(state.initialized, jnp.minimum(state.lo, lo), lo)
+  new_hi = jnp.where(state.initialized, jnp.maximum(state.hi, hi), hi)
+  return RangeState(new_lo, new_hi, jnp.ones((), bool))
+
+
+class CalibrationConfig(NamedTuple):
+  """How a quantization point tracks its range (Python config, static)."""
+
+  mode: CalibrationMode = "ema"
+  momentum: float = 0.01
+  percentile: float = 0.01
+
+
+def calibrate(
+  state: RangeState,
+  x: jax.Array,
+  config: CalibrationConfig,
+  mask: jax.Array | None = None,
+) -> RangeState:
+  """Folds one batch into the range state, outside the gradient.
+
+  Modes (Degree-Quant's `update_ranges`): "ema" is min/max smoothed with
+  `momentum`; "running" is a widening min/max; "percentile" is a running
+  min/max of the per-batch percentiles (its GC-PER runs, momentum off).
+
+  Args:
+    state: the current range.
+    x: the batch, any shape.
+    config: the calibration mode and its constants.
+    mask: elements to observe (Degree-Quant observes unprotected ones only).
+
+  Returns:
+    The new range state.
+  """
+  _check_choice("calibration", config.mode, CALIBRATION_MODES)
+  x = jax.lax.stop_gradient(x)
+  if config.mode == "percentile":
+    lo, hi = observe_percentile(x, config.percentile, mask)
+    return update_running(state, lo, hi)
+  lo, hi = observe_minmax(x, mask)
+  if config.mode == "ema":
+    return update_ema(state, lo, hi, config.momentum)
+  return update_running(state, lo, hi)

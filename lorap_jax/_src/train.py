@@ -1,0 +1,647 @@
+"""Training: state, optimizer, jitted steps and `train_and_evaluate`."""
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import jraph
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from lorap_jax._src import config as config_lib
+from lorap_jax._src import data as data_lib
+from lorap_jax._src import layers, models, prompts
+from lorap_jax._src import quant_points as qp
+from lorap_jax._src import quantization as q
+
+MUTABLE = (qp.QUANT_STATS, "batch_stats")
+
+
+class Batch(NamedTuple):
+  """One training batch: the graph, labels, and which outputs count."""
+
+  graph: jraph.GraphsTuple
+  labels: jax.Array  # int32 [n_outputs]
+  mask: jax.Array  # bool [n_outputs]
+
+
+class EvalBatch(NamedTuple):
+  """One evaluation batch with several named masks (e.g. train/val/test)."""
+
+  graph: jraph.GraphsTuple
+  labels: jax.Array
+  masks: Mapping[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as one pytree.
+
+  The bit width lives here as an array, so a sweep can vmap over it like
+  over the learning rate (which `optax.inject_hyperparams` keeps in
+  `opt_state`).
+  """
+
+  step: jax.Array
+  params: Any
+  quant_stats: Any
+  batch_stats: Any
+  opt_state: optax.OptState
+  bits: jax.Array
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def variables(self) -> dict:
+    return {
+      "params": self.params,
+      qp.QUANT_STATS: self.quant_stats,
+      "batch_stats": self.batch_stats,
+    }
+
+
+# ---------------------------------------------------------------------------
+# From config to objects.
+# ---------------------------------------------------------------------------
+
+
+def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
+  """The `QuantConfig` of a run; refuses unknown frameworks and bad bits."""
+  framework = config.quant.framework
+  if framework not in config_lib.FRAMEWORKS:
+    raise ValueError(
+      f"framework={framework!r} is not one of {config_lib.FRAMEWORKS}"
+    )
+  if framework == "fp32":
+    return qp.FP32
+  q.check_bits(config.quant.bits)
+  points = tuple(p.strip() for p in config.quant.points.split(",") if p)
+  return qp.QuantConfig(
+    points=points,
+    calibration=q.CalibrationConfig(
+      mode=config.quant.calibration,
+      momentum=config.quant.momentum,
+      percentile=config.quant.percentile,
+    ),
+    rounding=config.quant.rounding,
+    gradient=config.quant.gradient,
+  )
+
+
+def prompt_config(config: ml_collections.ConfigDict) -> prompts.PromptConfig:
+  return prompts.PromptConfig(
+    kind=config.prompt.kind,
+    num_prompts=config.prompt.num_prompts,
+    rank=config.prompt.rank,
+    init=config.prompt.init,
+    implementation=config.prompt.implementation,
+  )
+
+
+def create_model(
+  config: ml_collections.ConfigDict, *, num_classes: int, task: str
+) -> models.GNN:
+  """Builds the GNN of a config.
+
+  Raises:
+    ValueError: on unknown architecture, framework or prompt names, bits
+      outside 1..16, or ranks / prompt counts below 1.
+  """
+  model_config = models.ModelConfig(
+    architecture=config.model.architecture,
+    task=task,
+    num_classes=num_classes,
+    hidden=config.model.hidden,
+    num_layers=config.model.num_layers,
+    dropout=config.model.dropout,
+    readout_dropout=config.model.readout_dropout,
+    heads=config.model.heads,
+    attention_dropout=config.model.attention_dropout,
+    batch_norm=config.model.batch_norm,
+    readout=config.model.readout,
+  )
+  return models.GNN(
+    model=model_config, quant=quant_config(config), prompt=prompt_config(config)
+  )
+
+
+def parameter_groups(params) -> Any:
+  """Labels every parameter "prompt" (GPF / LoRAP modules) or "backbone"."""
+
+  def label(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    is_prompt = any(
+      str(n).startswith(prompts.PROMPT_MODULE_PREFIXES) for n in names
+    )
+    return "prompt" if is_prompt else "backbone"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _adam_with_l2(learning_rate, weight_decay):
+  # PyTorch's Adam(weight_decay=...) adds the L2 term to the gradient before
+  # the moment estimates (coupled, unlike AdamW); the anchors all use it.
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_adam(),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+  """Adam (L2-coupled) with a separate learning rate for prompt parameters.
+
+  Learning rates are injected hyper-parameters (vmappable in sweeps); a step
+  decay (`lr_decay_every` epochs) applies to both groups.
+  """
+  train = config.train
+
+  def schedule(base_lr):
+    if not train.lr_decay_every:
+      return base_lr
+    return optax.exponential_decay(
+      base_lr,
+      transition_steps=train.lr_decay_every * steps_per_epoch,
+      decay_rate=train.lr_decay_factor,
+      staircase=True,
+    )
+
+  prompt_lr = config.prompt.learning_rate
+  backbone = optax.inject_hyperparams(_adam_with_l2)(
+    learning_rate=schedule(train.learning_rate),
+    weight_decay=train.weight_decay,
+  )
+  if config.prompt.freeze_backbone:
+    backbone = optax.set_to_zero()
+  prompt = optax.inject_hyperparams(_adam_with_l2)(
+    learning_rate=schedule(prompt_lr),
+    weight_decay=config.prompt.weight_decay,
+  )
+  return optax.multi_transform(
+    {"backbone": backbone, "prompt": prompt}, parameter_groups
+  )
+
+
+def create_train_state(
+  model: models.GNN,
+  tx: optax.GradientTransformation,
+  graph: jraph.GraphsTuple,
+  rng: jax.Array,
+  bits,
+) -> TrainState:
+  """Initialises parameters, quantizer ranges and the optimizer state."""
+  bits = jnp.asarray(bits, jnp.float32)
+  variables = model.init(rng, graph, bits=bits, train=False)
+  params = variables["params"]
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    quant_stats=variables.get(qp.QUANT_STATS, {}),
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=tx.init(params),
+    bits=bits,
+    apply_fn=model.apply,
+    tx=tx,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------
+
+
+def cross_entropy_loss(*, logits, labels, mask) -> jax.Array:
+  """Mean softmax cross-entropy over the outputs where `mask` is True."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  weights = mask.astype(losses.dtype)
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+  """One optimizer step. Returns the new state and {"loss", "accuracy"}."""
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {**state.variables(), "params": params},
+      batch.graph,
+      bits=state.bits,
+      train=True,
+      rngs={"dropout": rng},
+      mutable=MUTABLE,
+    )
+    loss = cross_entropy_loss(
+      logits=logits, labels=batch.labels, mask=batch.mask
+    )
+    return loss, (logits, updates)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, updates)), grads = grad_fn(state.params)
+  step_updates, opt_state = state.tx.update(
+    grads, state.opt_state, state.params
+  )
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, step_updates),
+    quant_stats=updates.get(qp.QUANT_STATS, state.quant_stats),
+    batch_stats=updates.get("batch_stats", state.batch_stats),
+    opt_state=opt_state,
+  )
+  correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
+  accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(batch.mask), 1)
+  return new_state, {"loss": loss, "accuracy": accuracy}
+
+
+@jax.jit
+def eval_step(state: TrainState, batch: EvalBatch) -> dict:
+  """Frozen-range forward pass; per mask: loss sum, correct count, count."""
+  logits = state.apply_fn(
+    state.variables(), batch.graph, bits=state.bits, train=False
+  )
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+  hits = jnp.argmax(logits, -1) == batch.labels
+  return {
+    name: {
+      "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+      "correct": jnp.sum(hits & mask),
+      "count": jnp.sum(mask),
+    }
+    for name, mask in batch.masks.items()
+  }
+
+
+def summarize_eval(sums: Iterable[dict]) -> dict[str, dict[str, float]]:
+  """Adds per-batch eval sums and turns them into mean loss and accuracy."""
+  total: dict[str, np.ndarray] = {}
+  for batch_sums in sums:
+    for name, stats in jax.device_get(batch_sums).items():
+      values = np.array([stats["loss_sum"], stats["correct"], stats["count"]])
+      total[name] = total.get(name, 0) + values.astype(np.float64)
+  return {
+    name: {
+      "loss": float(v[0] / max(v[2], 1)),
+      "accuracy": float(v[1] / max(v[2], 1)),
+    }
+    for name, v in total.items()
+  }
+
+
+# ---------------------------------------------------------------------------
+# Data to batches.
+# ---------------------------------------------------------------------------
+
+
+def node_inputs(dataset, config) -> tuple[jraph.GraphsTuple, EvalBatch]:
+  """Device-side graph and the train/val/test eval batch of a node dataset.
+
+  Features go to the sparse COO form when they are mostly zeros, no node
+  prompt densifies them anyway, and the first layer multiplies them (GIN
+  aggregates raw features, which is cheaper dense).
+  """
+  graph = dataset.graph
+  features = np.asarray(graph.nodes, np.float32)
+  density = np.count_nonzero(features) / max(features.size, 1)
+  sparse = (
+    config.sparse_input
+    and density < 0.1
+    and config.prompt.kind in ("none", "lorap")
+    and config.model.architecture != "gin"
+  )
+  nodes = layers.SparseFeatures.from_dense(features) if sparse else features
+  graph = jax.device_put(graph._replace(nodes=nodes))
+  masks = {
+    "train": dataset.train_mask,
+    "val": dataset.val_mask,
+    "test": dataset.test_mask,
+  }
+  eval_batch = EvalBatch(
+    graph, jnp.asarray(dataset.labels), jax.device_put(masks)
+  )
+  return graph, eval_batch
+
+
+def _graph_batches(dataset, indices, config, budgets, *, shuffle, rng):
+  for batch in data_lib.iterate_batches(
+    dataset,
+    indices,
+    config.train.batch_size,
+    budgets,
+    shuffle=shuffle,
+    rng=rng,
+  ):
+    yield Batch(batch.graph, batch.labels, batch.graph_mask)
+
+
+# ---------------------------------------------------------------------------
+# The training loops.
+# ---------------------------------------------------------------------------
+
+
+class RunRecord(NamedTuple):
+  """The outcome of one run (one seed, or one fold and seed)."""
+
+  best_epoch: int
+  val_acc: float
+  test_acc: float
+  epoch_times_ms: list[float]
+  state: TrainState
+
+
+class _Selector:
+  """Tracks the selected epoch: best val accuracy or lowest val loss."""
+
+  def __init__(self, criterion: str):
+    if criterion not in ("val_acc", "val_loss"):
+      raise ValueError(
+        f"selection={criterion!r} is not one of ('val_acc', 'val_loss')"
+      )
+    self.criterion = criterion
+    self.best: tuple[float, int, dict] | None = None
+
+  def update(self, epoch: int, metrics: dict, state: TrainState) -> None:
+    score = (
+      metrics["val"]["accuracy"]
+      if self.criterion == "val_acc"
+      else -metrics["val"]["loss"]
+    )
+    if self.best is None or score > self.best[0]:
+      self.best = (score, epoch, metrics)
+      self.state = state
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  result = jax.block_until_ready(fn())
+  return result, (time.perf_counter() - start) * 1e3
+
+
+def _train_node_run(
+  model, config, graph, eval_batch, seed, log, progress
+) -> RunRecord:
+  train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  tx = create_optimizer(config)
+  key = jax.random.key(seed)
+  init_key, dropout_key = jax.random.split(key)
+  state = create_train_state(model, tx, graph, init_key, config.quant.bits)
+  selector = _Selector(config.train.selection)
+  times = []
+  for epoch in range(config.train.epochs):
+    rng = jax.random.fold_in(dropout_key, epoch)
+
+    def epoch_fn(state=state, rng=rng):
+      new_state, train_metrics = train_step(state, train_batch, rng)
+      return new_state, train_metrics, eval_step(new_state, eval_batch)
+
+    (state, train_metrics, sums), elapsed = _timed(epoch_fn)
+    metrics = summarize_eval([sums])
+    times.append(elapsed)
+    selector.update(epoch, metrics, state)
+    log(
+      seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed
+    )
+    progress.update(1)
+  _, best_epoch, best = selector.best
+  return RunRecord(
+    best_epoch,
+    best["val"]["accuracy"],
+    best["test"]["accuracy"],
+    times,
+    selector.state,
+  )
+
+
+def _train_graph_run(
+  model, config, dataset, fold, fold_index, budgets, seed, log, progress
+) -> RunRecord:
+  rng = np.random.default_rng(seed)
+  steps_per_epoch = -(-len(fold.train) // config.train.batch_size)
+  tx = create_optimizer(config, steps_per_epoch=steps_per_epoch)
+  key = jax.random.key(seed)
+  init_key, dropout_key = jax.random.split(key)
+  example = next(
+    _graph_batches(dataset, fold.train, config, budgets, shuffle=False, rng=rng)
+  )
+  state = create_train_state(
+    model, tx, example.graph, init_key, config.quant.bits
+  )
+  eval_sets = {
+    name: [
+      EvalBatch(b.graph, b.labels, {name: b.mask})
+      for b in _graph_batches(
+        dataset, indices, config, budgets, shuffle=False, rng=rng
+      )
+    ]
+    for name, indices in (("val", fold.val), ("test", fold.test))
+  }
+  selector = _Selector(config.train.selection)
+  times = []
+  for epoch in range(config.train.epochs):
+    batches = list(
+      _graph_batches(
+        dataset, fold.train, config, budgets, shuffle=True, rng=rng
+      )
+    )
+
+    def epoch_fn(state=state, batches=batches, epoch=epoch):
+      losses = []
+      for i, batch in enumerate(batches):
+        step_rng = jax.random.fold_in(dropout_key, epoch * 100_003 + i)
+        state, step_metrics = train_step(state, batch, step_rng)
+        losses.append(step_metrics["loss"])
+      sums = [
+        eval_step(state, b) for batches in eval_sets.values() for b in batches
+      ]
+      return state, jnp.mean(jnp.stack(losses)), sums
+
+    (state, train_loss, sums), elapsed = _timed(epoch_fn)
+    metrics = summarize_eval(sums)
+    times.append(elapsed)
+    selector.update(epoch, metrics, state)
+    log(
+      seed=seed,
+      fold=fold_index,
+      epoch=epoch,
+      train={"loss": train_loss},
+      metrics=metrics,
+      ms=elapsed,
+    )
+    progress.update(1)
+  _, best_epoch, best = selector.best
+  return RunRecord(
+    best_epoch,
+    best["val"]["accuracy"],
+    best["test"]["accuracy"],
+    times,
+    selector.state,
+  )
+
+
+class _MetricsLog:
+  """Appends one JSON line per epoch to `metrics.jsonl` in the workdir."""
+
+  def __init__(self, path: pathlib.Path):
+    self.file = open(path, "w")  # noqa: SIM115 - closed in close().
+
+  def __call__(self, *, train, metrics, ms, **ids):
+    row = dict(ids)
+    row["train_loss"] = float(train["loss"])
+    if "accuracy" in train:
+      row["train_acc"] = float(train["accuracy"])
+    for split, values in metrics.items():
+      row[f"{split}_loss"] = values["loss"]
+      row[f"{split}_acc"] = values["accuracy"]
+    row["epoch_ms"] = round(ms, 3)
+    self.file.write(json.dumps(row) + "\n")
+
+  def close(self):
+    self.file.close()
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+  return float(values.mean()), std
+
+
+def _validate(config) -> None:
+  """Refuses bad settings before any data is read or anything compiled."""
+  quant_config(config)
+  prompt_config(config)
+  models.ModelConfig(
+    architecture=config.model.architecture, hidden=config.model.hidden
+  )
+  for name in ("epochs", "seeds", "folds", "batch_size"):
+    section = config if name in ("seeds", "folds") else config.train
+    value = section[name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  *,
+  progress: bool = False,
+) -> dict:
+  """Trains and evaluates the config's model on its dataset.
+
+  Node datasets: `config.seeds` runs on the public split. Graph datasets:
+  `config.folds` CV folds x `config.seeds` runs each. In every run the test
+  accuracy is read at the epoch chosen on validation data
+  (`config.train.selection`).
+
+  Writes to `workdir`: `config.json`, `metrics.jsonl` (one line per epoch
+  and run) and `summary.json`.
+
+  Args:
+    config: see `lorap_jax.get_config`.
+    workdir: output directory (created).
+    progress: show a progress bar on stderr.
+
+  Returns:
+    The summary dict (also in `summary.json`); its "states" entry is not
+    serialised and holds each run's selected `TrainState`.
+  """
+  _validate(config)
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  dataset = data_lib.load_dataset(
+    config.dataset, config.data_dir or None, **_dataset_options(config)
+  )
+  node_task = isinstance(dataset, data_lib.NodeDataset)
+  model = create_model(
+    config,
+    num_classes=dataset.num_classes,
+    task="node" if node_task else "graph",
+  )
+  log = _MetricsLog(workdir / "metrics.jsonl")
+  records: list[RunRecord] = []
+  seeds = range(config.seeds)
+  try:
+    if node_task:
+      graph, eval_batch = node_inputs(dataset, config)
+      total = config.seeds * config.train.epochs
+      with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
+        for seed in seeds:
+          bar.set_description(f"seed {seed}")
+          records.append(
+            _train_node_run(model, config, graph, eval_batch, seed, log, bar)
+          )
+    else:
+      folds = dataset.folds[: config.folds]
+      budgets = data_lib.make_budgets(dataset.graphs, config.train.batch_size)
+      total = len(folds) * config.seeds * config.train.epochs
+      with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
+        for fold_index, fold in enumerate(folds):
+          for seed in seeds:
+            bar.set_description(f"fold {fold_index} seed {seed}")
+            record = _train_graph_run(
+              model, config, dataset, fold, fold_index, budgets, seed, log, bar
+            )
+            records.append(record)
+  finally:
+    log.close()
+  summary = _summary(config, dataset, records, node_task)
+  (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  summary["states"] = [r.state for r in records]
+  return summary
+
+
+def _dataset_options(config) -> dict:
+  if data_lib.is_node_dataset(config.dataset):
+    return {"normalize_features": config.normalize_features}
+  return {"node_features": config.node_features}
+
+
+def _summary(config, dataset, records, node_task) -> dict:
+  test_mean, test_std = _mean_std([r.test_acc for r in records])
+  val_mean, val_std = _mean_std([r.val_acc for r in records])
+  # Epochs 0 and 1 include compilation; the rest are steady-state.
+  steady = [t for r in records for t in r.epoch_times_ms[2:]]
+  params = records[0].state.params
+  groups = parameter_groups(params)
+  prompt_params = sum(
+    leaf.size
+    for leaf, group in zip(
+      jax.tree.leaves(params), jax.tree.leaves(groups), strict=True
+    )
+    if group == "prompt"
+  )
+  runs = "seeds" if node_task else "folds x seeds"
+  return {
+    "dataset": config.dataset,
+    "model": config.model.architecture,
+    "framework": config.quant.framework,
+    "bits": None if config.quant.framework == "fp32" else config.quant.bits,
+    "prompt": config.prompt.kind,
+    "test_acc_mean": test_mean,
+    "test_acc_std": test_std,
+    "val_acc_mean": val_mean,
+    "val_acc_std": val_std,
+    "test_accs": [r.test_acc for r in records],
+    "val_accs": [r.val_acc for r in records],
+    "best_epochs": [r.best_epoch for r in records],
+    "num_runs": len(records),
+    "epoch_time_ms_median": float(np.median(steady)) if steady else None,
+    "num_params": models.count_parameters(params),
+    "num_prompt_params": int(prompt_params),
+    "protocol": (
+      f"{len(records)} runs ({runs}); test accuracy at the epoch selected by "
+      f"{config.train.selection}; mean and sample std (ddof=1) over runs; "
+      "epoch time = train step + evaluation, median over epochs after the "
+      "first two, results ready"
+    ),
+    "device": jax.devices()[0].device_kind,
+    "jax_version": jax.__version__,
+    "config": config.to_dict(),
+  }

@@ -1,0 +1,121 @@
+"""End-to-end training: the library function and the command line."""
+
+import json
+import re
+
+import pytest
+
+import lorap_jax
+from lorap_jax._src import cli
+
+
+def _small_config(dataset, **overrides):
+  config = lorap_jax.get_config(dataset)
+  config.seeds = 1
+  config.folds = 1
+  config.train.epochs = overrides.pop("epochs", 30)
+  for path, value in overrides.items():
+    section, _, leaf = path.rpartition("__")
+    (config[section] if section else config)[leaf] = value
+  return config
+
+
+def test_cora_fp32_gcn_learns(data_dir, tmp_path):
+  config = _small_config("cora", quant__framework="fp32", prompt__kind="none")
+  config.data_dir = str(data_dir)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  # Kipf's GCN passes 75% on Cora within 30 epochs; chance is ~30%.
+  assert summary["test_acc_mean"] > 0.75
+  written = json.loads((tmp_path / "summary.json").read_text())
+  for key in ("test_acc_mean", "test_acc_std", "val_acc_mean"):
+    assert written[key] == pytest.approx(summary[key])
+  assert written["epoch_time_ms_median"] > 0
+  assert written["config"]["dataset"] == "cora"
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 30
+  assert {"epoch", "val_acc", "test_acc", "epoch_ms"} <= json.loads(
+    lines[0]
+  ).keys()
+
+
+def test_cora_int4_lorap_trains(data_dir, tmp_path):
+  config = _small_config("cora", epochs=40)
+  config.data_dir = str(data_dir)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  assert summary["bits"] == 4 and summary["prompt"] == "lorap"
+  assert summary["num_prompt_params"] == sum(
+    lorap_jax.lorap_parameter_count(d, 10, 4) for d in (64, 7)
+  )
+  # INT4 plain QAT + LoRAP reaches ~70% here; a collapse gives ~30%.
+  assert summary["test_acc_mean"] > 0.6
+
+
+def test_proteins_gin_one_fold(data_dir, tmp_path):
+  config = _small_config("proteins", epochs=5)
+  config.data_dir = str(data_dir)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  assert summary["num_runs"] == 1
+  assert 0.5 < summary["test_acc_mean"] <= 1.0
+
+
+def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
+  code = cli.main(
+    [
+      "train",
+      "--dataset=cora",
+      "--model=gcn",
+      "--framework=qat",
+      "--bits=4",
+      "--prompt=gpf-lorap",
+      "--rank=2",
+      "--num-prompts=3",
+      "--epochs=3",
+      "--seeds=2",
+      f"--data-dir={data_dir}",
+      f"--workdir={tmp_path}",
+      "--no-progress",
+    ]
+  )
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "test accuracy" in out and "INT4" in out
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["num_runs"] == 2
+  assert summary["config"]["prompt"]["rank"] == 2
+
+
+@pytest.mark.parametrize(
+  ("flags", "message"),
+  [
+    (["--dataset=coraa"], "unknown dataset 'coraa'"),
+    (["--dataset=cora", "--model=sage"], "unknown model 'sage'"),
+    (["--dataset=cora", "--framework=int4"], "unknown framework 'int4'"),
+    (["--dataset=cora", "--prompt=lora"], "unknown prompt 'lora'"),
+    (["--dataset=cora", "--bits=0"], r"bits=\[0.0\] must be integers in 1..16"),
+    (["--dataset=cora", "--bits=17"], r"bits=\[17.0\] must be integers"),
+    (["--dataset=cora", "--rank=0"], "--rank=0 must be at least 1"),
+    (["--dataset=cora", "--num-prompts=-2"], "--num-prompts=-2 must be"),
+    (["--dataset=cora", "--set", "train.nope=1"], "unknown config field"),
+  ],
+)
+def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):
+  code = cli.main(["train", f"--workdir={tmp_path}", *flags])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "lorap: error:" in err
+  assert re.search(message, err), err
+
+
+def test_cli_missing_data_dir_names_the_file(tmp_path, capsys):
+  code = cli.main(
+    [
+      "train",
+      "--dataset=cora",
+      f"--data-dir={tmp_path}",
+      f"--workdir={tmp_path / 'run'}",
+      "--no-progress",
+    ]
+  )
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "ind.cora" in err and str(tmp_path) in err
