@@ -1,0 +1,69 @@
+"""Times one full-batch epoch (train step + evaluation) and prints a table.
+
+Usage: LORAP_DATA_DIR=... .venv/bin/python experiments/benchmark_epoch.py
+
+The model is the issue's: Cora, 2-layer GCN, hidden 64. Each row is timed
+after two compiling epochs, as the median of `--epochs` epochs, with results
+ready (block_until_ready). The PyTorch + PyG reference of the same model is
+~95 ms per epoch on the same 2-core machines (the issue's figure).
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+import lorap_jax
+from lorap_jax._src import train as train_lib
+
+ROWS = (
+  ("FP32", "fp32", "none", True),
+  ("INT4 QAT", "qat", "none", True),
+  ("INT4 QAT + LoRAP", "qat", "lorap", True),
+  ("INT4 QAT + LoRAP, dense input", "qat", "lorap", False),
+)
+
+
+def epoch_times(config, dataset, epochs: int) -> np.ndarray:
+  model = lorap_jax.create_model(
+    config, num_classes=dataset.num_classes, task="node"
+  )
+  graph, eval_batch = train_lib.node_inputs(dataset, config)
+  batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  state = lorap_jax.create_train_state(
+    model, lorap_jax.create_optimizer(config), graph, jax.random.key(0), 4
+  )
+  times = []
+  for epoch in range(epochs + 2):
+    rng = jax.random.key(epoch)
+    start = time.perf_counter()
+    state, _ = lorap_jax.train_step(state, batch, rng)
+    jax.block_until_ready(lorap_jax.eval_step(state, eval_batch))
+    times.append((time.perf_counter() - start) * 1e3)
+  return np.asarray(times[2:])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--dataset", default="cora")
+  parser.add_argument("--epochs", type=int, default=200)
+  args = parser.parse_args()
+  dataset = lorap_jax.load_dataset(args.dataset)
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print("| model (Cora GCN, hidden 64) | median ms / epoch | p90 ms |")
+  print("|---|---|---|")
+  for label, framework, prompt, sparse in ROWS:
+    config = lorap_jax.get_config(args.dataset)
+    config.quant.framework = framework
+    config.prompt.kind = prompt
+    config.sparse_input = sparse
+    times = epoch_times(config, dataset, args.epochs)
+    print(
+      f"| {label} | {np.median(times):.2f} | {np.percentile(times, 90):.2f} |",
+      flush=True,
+    )
+
+
+if __name__ == "__main__":
+  main()
