@@ -1,5 +1,6 @@
 """Training: state, optimizer, jitted steps and `train_and_evaluate`."""
 
+import functools
 import json
 import os
 import pathlib
@@ -189,6 +190,18 @@ def create_optimizer(
   return optax.multi_transform(
     {"backbone": backbone, "prompt": prompt}, parameter_groups
   )
+
+
+@functools.cache
+def _cached_optimizer(config_json: str, steps_per_epoch: int):
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return create_optimizer(config, steps_per_epoch=steps_per_epoch)
+
+
+def _optimizer(config, *, steps_per_epoch: int):
+  # The optimizer is a static field of TrainState: one object per distinct
+  # config keeps jit's cache warm across seeds and folds (no retracing).
+  return _cached_optimizer(config.to_json(), steps_per_epoch)
 
 
 def create_train_state(
@@ -388,7 +401,7 @@ def _train_node_run(
   model, config, graph, eval_batch, seed, log, progress
 ) -> RunRecord:
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
-  tx = create_optimizer(config)
+  tx = _optimizer(config, steps_per_epoch=1)
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
   state = create_train_state(model, tx, graph, init_key, config.quant.bits)
@@ -424,7 +437,7 @@ def _train_graph_run(
 ) -> RunRecord:
   rng = np.random.default_rng(seed)
   steps_per_epoch = -(-len(fold.train) // config.train.batch_size)
-  tx = create_optimizer(config, steps_per_epoch=steps_per_epoch)
+  tx = _optimizer(config, steps_per_epoch=steps_per_epoch)
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
   example = next(
