@@ -104,7 +104,9 @@ def add_self_loops(
   senders: jax.Array, receivers: jax.Array, n_nodes: int
 ) -> tuple[jax.Array, jax.Array]:
   """Appends one self-loop per node (fill value 1, as PyG's GCNConv)."""
-  loops = jnp.arange(n_nodes, dtype=senders.dtype)
+  # int32 whatever the input (jraph padding returns int64 numpy indices).
+  senders, receivers = senders.astype(jnp.int32), receivers.astype(jnp.int32)
+  loops = jnp.arange(n_nodes, dtype=jnp.int32)
   return (
     jnp.concatenate([senders, loops]),
     jnp.concatenate([receivers, loops]),
