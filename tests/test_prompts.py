@@ -336,6 +336,31 @@ class KernelsTest(chex.TestCase):
     chex.assert_trees_all_close(out, want, atol=1e-5)
     assert len(np.unique(np.asarray(out))) <= 8
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    ("half_even", "half_even", [0.0, 1.0, -0.0, -1.0, 1.0, 2.0]),
+    ("half_away", "half_away", [0.5, 1.0, -0.5, -1.0, 1.5, 2.0]),
+  )
+  def test_requantizer_rounding_mode(self, rounding, want):
+    # A zero prompt (P_B = 0) and a grid of step 1/2, zero point 0: the
+    # aggregate sits exactly on rounding ties k/2 + 1/4.
+    ties = np.array([0.25, 0.75, -0.25, -0.75, 1.25, 1.75], np.float32)
+    s_hat = jnp.asarray(np.tile(ties, (2, 1)))
+    params = random_lorap_params(17, d=6)
+    params["p_b"] = jnp.zeros_like(params["p_b"])
+    grid = lorap_jax.affine_qparams(-4.0, 3.5, 4, signed=True)
+    chex.assert_trees_all_close(
+      (grid.scale, grid.zero_point), (0.5, 0.0), atol=0
+    )
+    out = self.variant(
+      lambda s, *p: lorap_jax.kernels.lorap_prompt(
+        s, *p, grid, rounding=rounding
+      )
+    )(s_hat, params["w_phi"], params["b_phi"], params["p_a"], params["p_b"])
+    np.testing.assert_array_equal(
+      np.asarray(out), np.tile(np.array(want, np.float32), (2, 1))
+    )
+
 
 # ---------------------------------------------------------------------------
 # The GNN model.
@@ -393,6 +418,33 @@ def _model(architecture, task, kind, quant):
     quant=quant,
     prompt=lorap_jax.PromptConfig(kind=kind, num_prompts=3, rank=2),
   )
+
+
+class PoolGraphsTest(parameterized.TestCase):
+  @parameterized.named_parameters(
+    ("mean", "mean"), ("sum", "sum"), ("max", "max")
+  )
+  def test_matches_numpy(self, readout):
+    # Two real graphs, one padding graph holding the padding nodes, and one
+    # empty graph.
+    graph = _int32(
+      jraph.pad_with_graphs(GRAPH_BATCH, n_node=10, n_edge=20, n_graph=4)
+    )
+    rng = np.random.default_rng(20)
+    nodes = rng.normal(size=(10, 3)).astype(np.float32)
+    pooled = lorap_jax.pool_graphs(
+      graph._replace(nodes=jnp.asarray(nodes)), readout
+    )
+    chex.assert_shape(pooled, (4, 3))
+    np.testing.assert_array_equal(np.asarray(graph.n_node), [4, 3, 3, 0])
+    bounds = np.cumsum([0, 4, 3, 3])
+    want = np.zeros((4, 3), np.float32)
+    for g in range(3):
+      block = nodes[bounds[g] : bounds[g + 1]]
+      want[g] = {"mean": np.mean, "sum": np.sum, "max": np.max}[readout](
+        block, axis=0
+      )
+    chex.assert_trees_all_close(pooled, want, atol=1e-6)
 
 
 class GNNTest(parameterized.TestCase):
