@@ -349,6 +349,27 @@ def test_iterate_batches_covers_an_epoch(load, shuffle):
   np.testing.assert_array_equal(np.concatenate(seen_sizes), n_node[order])
 
 
+@pytest.mark.parametrize("name", ["mutag", "proteins"])
+def test_batches_equal_jraph_batch_and_pad(load, name):
+  dataset = load(name)
+  budgets = data.make_budgets(dataset.graphs, 16)
+  rng = np.random.default_rng(1)
+  indices = rng.permutation(len(dataset.graphs))[:50]
+  batches = data.iterate_batches(dataset, indices, 16, budgets, shuffle=False)
+  for start, batch in zip(range(0, 50, 16), batches, strict=True):
+    graph_ids = indices[start : start + 16]
+    joined = jraph.batch_np([dataset.graphs[i] for i in graph_ids])
+    budget = data.PaddingBudget(
+      len(batch.graph.nodes), len(batch.graph.senders), len(batch.labels)
+    )
+    expected = jraph.pad_with_graphs(joined, *budget)
+    for field in ("nodes", "senders", "receivers", "n_node", "n_edge"):
+      np.testing.assert_array_equal(
+        getattr(batch.graph, field), getattr(expected, field), err_msg=field
+      )
+    assert batch.graph.edges is None and batch.graph.globals is None
+
+
 def test_iterate_batches_rejects_bad_arguments(load):
   dataset = load("mutag")
   budgets = data.make_budgets(dataset.graphs, 8)

@@ -5,6 +5,7 @@ sizes (budgets), so that a jitted step compiles once per budget rather than
 once per batch shape.
 """
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -154,29 +155,115 @@ def _smallest_fitting_budget(
   )
 
 
+class _PackedGraphs(NamedTuple):
+  """All graphs of a dataset concatenated, so batches are gathered at once.
+
+  Attributes:
+    nodes: float32 ``[total_nodes, features]``.
+    senders: int64 ``[total_edges]`` node ids local to their graph.
+    receivers: int64 ``[total_edges]`` node ids local to their graph.
+    n_node: int64 ``[n_graphs]`` nodes per graph.
+    n_edge: int64 ``[n_graphs]`` edges per graph.
+    node_start: int64 ``[n_graphs]`` first row of each graph in ``nodes``.
+    edge_start: int64 ``[n_graphs]`` first entry of each graph's edges.
+  """
+
+  nodes: np.ndarray
+  senders: np.ndarray
+  receivers: np.ndarray
+  n_node: np.ndarray
+  n_edge: np.ndarray
+  node_start: np.ndarray
+  edge_start: np.ndarray
+
+
+# Packing costs one pass over the graphs; keep it while the dataset lives.
+_PACKED: "weakref.WeakKeyDictionary[GraphDataset, _PackedGraphs]" = (
+  weakref.WeakKeyDictionary()
+)
+
+
+def _exclusive_cumsum(counts: np.ndarray) -> np.ndarray:
+  return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _packed(dataset: GraphDataset) -> _PackedGraphs:
+  """Returns the concatenated graphs of `dataset`, packing them once."""
+  if dataset not in _PACKED:
+    graphs = dataset.graphs
+    n_node = np.array([int(g.n_node[0]) for g in graphs], dtype=np.int64)
+    n_edge = np.array([int(g.n_edge[0]) for g in graphs], dtype=np.int64)
+    _PACKED[dataset] = _PackedGraphs(
+      nodes=np.concatenate([g.nodes for g in graphs]),
+      senders=np.concatenate([g.senders for g in graphs]).astype(np.int64),
+      receivers=np.concatenate([g.receivers for g in graphs]).astype(np.int64),
+      n_node=n_node,
+      n_edge=n_edge,
+      node_start=_exclusive_cumsum(n_node),
+      edge_start=_exclusive_cumsum(n_edge),
+    )
+  return _PACKED[dataset]
+
+
+def _gather_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """Concatenates ``arange(start, start + count)`` for every pair."""
+  offsets = np.repeat(starts - _exclusive_cumsum(counts), counts)
+  return offsets + np.arange(int(counts.sum()), dtype=np.int64)
+
+
 def _make_batch(
   dataset: GraphDataset,
   graph_ids: np.ndarray,
   budgets: Sequence[PaddingBudget],
 ) -> GraphBatch:
-  """Batches and pads the graphs `graph_ids` of `dataset`."""
-  batched = jraph.batch_np([dataset.graphs[i] for i in graph_ids])
-  num_nodes = int(np.sum(batched.n_node))
-  budget = _smallest_fitting_budget(
-    budgets, num_nodes, int(np.sum(batched.n_edge)), len(graph_ids)
+  """Batches and pads the graphs `graph_ids` of `dataset`.
+
+  The result equals `jraph.batch_np` followed by `jraph.pad_with_graphs`
+  (one padding graph holds every padding node and edge, its edges point at
+  its first node; the remaining padding graphs are empty), but gathers from
+  the packed arrays instead of concatenating graph by graph.
+  """
+  packed = _packed(dataset)
+  n_node = packed.n_node[graph_ids]
+  n_edge = packed.n_edge[graph_ids]
+  num_nodes, num_edges, num_graphs = (
+    int(n_node.sum()),
+    int(n_edge.sum()),
+    len(graph_ids),
   )
-  padded = jraph.pad_with_graphs(batched, *budget)
-  # jraph's node offsets are int64 sums, which upcast the edge indices.
-  padded = padded._replace(
-    senders=padded.senders.astype(np.int32),
-    receivers=padded.receivers.astype(np.int32),
-  )
+  budget = _smallest_fitting_budget(budgets, num_nodes, num_edges, num_graphs)
+  node_rows = _gather_ranges(packed.node_start[graph_ids], n_node)
+  edge_rows = _gather_ranges(packed.edge_start[graph_ids], n_edge)
+  # Local ids become batch ids by the offset of their graph in the batch.
+  edge_offset = np.repeat(_exclusive_cumsum(n_node), n_edge)
+  nodes = np.zeros((budget.n_node, packed.nodes.shape[1]), np.float32)
+  nodes[:num_nodes] = packed.nodes[node_rows]
+  # Padding edges join the first padding node to itself, as in jraph.
+  senders = np.full(budget.n_edge, num_nodes, dtype=np.int32)
+  receivers = np.full(budget.n_edge, num_nodes, dtype=np.int32)
+  senders[:num_edges] = packed.senders[edge_rows] + edge_offset
+  receivers[:num_edges] = packed.receivers[edge_rows] + edge_offset
+  graph_n_node = np.zeros(budget.n_graph, dtype=np.int32)
+  graph_n_node[:num_graphs] = n_node
+  graph_n_node[num_graphs] = budget.n_node - num_nodes
+  graph_n_edge = np.zeros(budget.n_graph, dtype=np.int32)
+  graph_n_edge[:num_graphs] = n_edge
+  graph_n_edge[num_graphs] = budget.n_edge - num_edges
   labels = np.zeros(budget.n_graph, dtype=np.int32)
-  labels[: len(graph_ids)] = dataset.labels[graph_ids]
+  labels[:num_graphs] = dataset.labels[graph_ids]
+  graph = jraph.GraphsTuple(
+    nodes=nodes,
+    edges=None,
+    senders=senders,
+    receivers=receivers,
+    globals=None,
+    n_node=graph_n_node,
+    n_edge=graph_n_edge,
+  )
   return GraphBatch(
-    graph=padded,
+    graph=graph,
     labels=labels,
-    graph_mask=np.arange(budget.n_graph) < len(graph_ids),
+    graph_mask=np.arange(budget.n_graph) < num_graphs,
     node_mask=np.arange(budget.n_node) < num_nodes,
   )
 
@@ -204,8 +291,8 @@ def iterate_batches(
   """Iterates once over padded batches of the graphs `indices`.
 
   Each batch of up to `batch_size` graphs (the last may be smaller) is
-  joined with `jraph.batch_np` and padded with `jraph.pad_with_graphs` to
-  the smallest budget that fits it.
+  joined and padded exactly as `jraph.batch_np` and `jraph.pad_with_graphs`
+  would, to the smallest budget that fits it.
 
   Args:
     dataset: The dataset.
