@@ -30,7 +30,10 @@ GRAPH_ROWS = (
 )
 
 
-def run(dataset, framework, prompt, out, quick, graph_epochs):
+def run(dataset, framework, prompt, out, quick, graph_epochs, reuse=False):
+  workdir = out / f"{dataset}-{framework}-{prompt}"
+  if reuse and (workdir / "summary.json").exists():
+    return json.loads((workdir / "summary.json").read_text())
   config = lorap_jax.get_config(dataset)
   config.quant.framework = framework
   config.prompt.kind = prompt
@@ -38,7 +41,6 @@ def run(dataset, framework, prompt, out, quick, graph_epochs):
     config.train.epochs = graph_epochs
   if quick:
     config.seeds, config.folds, config.train.epochs = 2, 2, 5
-  workdir = out / f"{dataset}-{framework}-{prompt}"
   return lorap_jax.train_and_evaluate(config, workdir)
 
 
@@ -57,6 +59,11 @@ def main():
   parser.add_argument("--graph-epochs", type=int, default=100)
   parser.add_argument("--skip-node", action="store_true")
   parser.add_argument("--skip-graph", action="store_true")
+  parser.add_argument(
+    "--reuse",
+    action="store_true",
+    help="Read rows whose summary.json already exists instead of rerunning.",
+  )
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   results = {}
@@ -64,8 +71,10 @@ def main():
     print("| setting | Cora | CiteSeer | ms / epoch (Cora) |")
     print("|---|---|---|---|")
     for label, framework, prompt in NODE_ROWS:
-      cora = run("cora", framework, prompt, out, args.quick, 0)
-      citeseer = run("citeseer", framework, prompt, out, args.quick, 0)
+      cora = run("cora", framework, prompt, out, args.quick, 0, args.reuse)
+      citeseer = run(
+        "citeseer", framework, prompt, out, args.quick, 0, args.reuse
+      )
       results[f"node/{label}"] = [cora, citeseer]
       print(
         f"| {label} | {cell(cora)} | {cell(citeseer)} | "
@@ -77,7 +86,9 @@ def main():
     print(f"\n| setting | {name} (GIN, 10-fold) | ms / epoch |")
     print("|---|---|---|")
     for label, framework, prompt in GRAPH_ROWS:
-      summary = run(name, framework, prompt, out, args.quick, args.graph_epochs)
+      summary = run(
+        name, framework, prompt, out, args.quick, args.graph_epochs, args.reuse
+      )
       results[f"graph/{label}"] = [summary]
       print(
         f"| {label} | {cell(summary)} | "

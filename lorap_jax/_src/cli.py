@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, help="output directory")
   train.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
   train.add_argument("--model", help="gcn, gin or gat")
-  train.add_argument("--framework", help="fp32 or qat")
+  train.add_argument(
+    "--framework", help=f"one of {', '.join(config_lib.FRAMEWORKS)}"
+  )
   train.add_argument("--bits", type=int, help="bit width, 1..16")
   train.add_argument("--prompt", help="none, gpf, gpf-plus, lorap, gpf-lorap")
   train.add_argument("--rank", type=int, help="LoRAP rank r")

@@ -7,7 +7,7 @@ The config never enters `jit`: `train.create_model` and
 import ml_collections
 from ml_collections import config_dict
 
-FRAMEWORKS = ("fp32", "qat")
+FRAMEWORKS = ("fp32", "qat", "dq")
 
 
 def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
 
   # --- Quantization -------------------------------------------------------
   config.quant = ml_collections.ConfigDict()
-  config.quant.framework = "qat"  # "fp32" or "qat".
+  config.quant.framework = "qat"  # One of FRAMEWORKS.
   config.quant.bits = 4
   config.quant.points = "input,weight,xw,message,aggregate,output"
   config.quant.calibration = "ema"  # "ema", "running" or "percentile".
@@ -64,6 +64,20 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   # identity, clipped outputs keep pushing their parameters; on Cora INT4
   # that costs ~15 points (README), so node tasks default to "clipped".
   config.quant.gradient = "clipped" if node_task else "identity"
+
+  # Degree-Quant (framework "dq"): its own bundle, as in its reference runs
+  # (GC-PER): percentile ranges (a running min/max of per-batch
+  # percentiles), the clipped STE, and protective masking with probability
+  # low + change * CDF(in-degree). The quant.calibration / gradient fields
+  # above do not apply to it.
+  config.dq = ml_collections.ConfigDict()
+  config.dq.low = config_dict.placeholder(float)  # INT4: 0.1; INT8+: 0.0.
+  config.dq.change = 0.1
+  config.dq.percentile = config_dict.placeholder(float)  # INT4 .01, else .001
+  config.dq.per_layer_mask = False  # One mask per forward pass by default.
+  # Percentiles of at most this many elements per tensor (a fixed random
+  # subset, like the reference's --sample_prop); 0: exact over all.
+  config.dq.sample_size = 16384
 
   # --- Prompts ------------------------------------------------------------
   config.prompt = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ with quantization off.
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -73,6 +74,49 @@ class SparseFeatures:
 Features = jax.Array | SparseFeatures
 
 
+class RowMasks(NamedTuple):
+  """Per-row roles in a node or edge tensor about to be quantized.
+
+  Attributes:
+    observe: bool [rows], the rows whose values set the quantizer's range:
+      real (unpadded) rows, minus Degree-Quant's protected ones. None: all.
+    keep: bool [rows], rows left in full precision (Degree-Quant's
+      protected nodes, or the messages they send). None: none.
+  """
+
+  observe: jax.Array | None = None
+  keep: jax.Array | None = None
+
+  def gather(self, index: jax.Array) -> "RowMasks":
+    """The masks of rows `index`, e.g. of messages by their sender."""
+    return RowMasks(
+      *(None if m is None else m[index] for m in (self.observe, self.keep))
+    )
+
+
+# Every row observed, none kept: the default of every point.
+ALL_ROWS = RowMasks()
+
+
+def node_row_masks(
+  node_mask: jax.Array | None, protected: jax.Array | None
+) -> RowMasks:
+  """Row masks of node tensors from the padding and protection masks."""
+  if protected is None:
+    return RowMasks(observe=node_mask)
+  unprotected = ~protected
+  if node_mask is not None:
+    unprotected = unprotected & node_mask
+  return RowMasks(observe=unprotected, keep=protected)
+
+
+def _per_row(mask: jax.Array | None, ndim: int) -> jax.Array | None:
+  """Broadcasts a [rows] mask against a [rows, ...] tensor."""
+  if mask is None:
+    return None
+  return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
 def feature_width(x: Features) -> int:
   return x.shape[-1]
 
@@ -87,7 +131,9 @@ def matmul(x: Features, w: jax.Array) -> jax.Array:
   return x @ w
 
 
-def quantize_features(module: nn.Module, x: Features, **kwargs) -> Features:
+def quantize_features(
+  layer: "_QuantLayer", x: Features, *, bits, train, rows: "RowMasks"
+) -> Features:
   """The "input" point for dense or sparse features.
 
   For sparse features only the non-zeros are quantized: the zeros map to
@@ -95,9 +141,11 @@ def quantize_features(module: nn.Module, x: Features, **kwargs) -> Features:
   dense matrix's.
   """
   if isinstance(x, SparseFeatures):
-    values = quant_points.quantize_point(module, "input", x.values, **kwargs)
+    values = layer.qpoint(
+      "input", x.values, bits=bits, train=train, rows=rows.gather(x.rows)
+    )
     return x.replace_values(values)
-  return quant_points.quantize_point(module, "input", x, **kwargs)
+  return layer.qpoint("input", x, bits=bits, train=train, rows=rows)
 
 
 def add_self_loops(
@@ -128,7 +176,7 @@ def gcn_normalization(
 
 
 def _aggregate_and_prompt(
-  layer: "_QuantLayer", aggregate: jax.Array, *, bits, train
+  layer: "_QuantLayer", aggregate: jax.Array, *, bits, train, rows: RowMasks
 ) -> jax.Array:
   """S_hat = Q_agg(aggregate), then the post-aggregation hook.
 
@@ -137,13 +185,15 @@ def _aggregate_and_prompt(
   the prompted aggregate, so a prompt that moves values is not silently
   clipped to the range of the unprompted ones.
   """
-  s_hat = layer.qpoint("aggregate", aggregate, bits=bits, train=train)
+  s_hat = layer.qpoint(
+    "aggregate", aggregate, bits=bits, train=train, rows=rows
+  )
   if layer.prompt is None:
     return s_hat
   requantize = None
   if layer.quant.active("aggregate"):
     requantize = functools.partial(
-      layer.qpoint, "aggregate", bits=bits, train=train
+      layer.qpoint, "aggregate", bits=bits, train=train, rows=rows
     )
   return layer.prompt(s_hat, requantize)
 
@@ -153,14 +203,25 @@ class _QuantLayer(nn.Module):
 
   quant: QuantConfig = quant_points.FP32
 
-  def grid(self, name, x, *, bits, train, mask=None):
-    return point_grid(
-      self, name, x, bits=bits, config=self.quant, train=train, mask=mask
-    )
+  def qpoint(self, name, x, *, bits, train, rows: RowMasks = ALL_ROWS):
+    """Fake-quantizes `x` at the point `name`.
 
-  def qpoint(self, name, x, *, bits, train, mask=None):
-    grid = self.grid(name, x, bits=bits, train=train, mask=mask)
-    return apply_grid(x, grid, self.quant)
+    Only the rows `rows.observe` set the range, and the rows `rows.keep`
+    pass through unquantized (with an identity gradient).
+    """
+    grid = point_grid(
+      self,
+      name,
+      x,
+      bits=bits,
+      config=self.quant,
+      train=train,
+      mask=_per_row(rows.observe, x.ndim),
+    )
+    y = apply_grid(x, grid, self.quant)
+    if grid is None or rows.keep is None:
+      return y
+    return jnp.where(_per_row(rows.keep, x.ndim), x, y)
 
 
 class QuantDense(_QuantLayer):
@@ -178,17 +239,24 @@ class QuantDense(_QuantLayer):
   use_bias: bool = True
 
   @nn.compact
-  def __call__(self, x: Features, *, bits=None, train: bool = False):
-    """[n, f] -> [n, features]."""
+  def __call__(
+    self,
+    x: Features,
+    *,
+    bits=None,
+    train: bool = False,
+    rows: RowMasks = ALL_ROWS,
+  ):
+    """[n, f] -> [n, features]; `rows` applies to the input and product."""
     if self.quantize_input:
-      x = quantize_features(self, x, bits=bits, config=self.quant, train=train)
+      x = quantize_features(self, x, bits=bits, train=train, rows=rows)
     kernel = self.param(
       "kernel",
       nn.initializers.glorot_uniform(),
       (feature_width(x), self.features),
     )
     kernel = self.qpoint("weight", kernel, bits=bits, train=train)
-    y = self.qpoint("xw", matmul(x, kernel), bits=bits, train=train)
+    y = self.qpoint("xw", matmul(x, kernel), bits=bits, train=train, rows=rows)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))[None]
     return y
@@ -212,24 +280,39 @@ class QuantGCNConv(_QuantLayer):
   self_loops: bool = True
 
   @nn.compact
-  def __call__(self, graph: jraph.GraphsTuple, *, bits=None, train=False):
-    """Returns the graph with nodes [n_nodes, features]."""
+  def __call__(
+    self,
+    graph: jraph.GraphsTuple,
+    *,
+    bits=None,
+    train=False,
+    rows: RowMasks = ALL_ROWS,
+  ):
+    """Returns the graph with nodes [n_nodes, features].
+
+    `rows` are the node row masks (padding, Degree-Quant protection); a
+    message takes its sender's.
+    """
     n_nodes = graph.nodes.shape[0]
     xw = QuantDense(
       features=self.features, use_bias=False, quant=self.quant, name="linear"
-    )(graph.nodes, bits=bits, train=train)
+    )(graph.nodes, bits=bits, train=train, rows=rows)
     senders, receivers = graph.senders, graph.receivers
     if self.self_loops:
       senders, receivers = add_self_loops(senders, receivers, n_nodes)
     norm = gcn_normalization(senders, receivers, n_nodes)
     messages = norm[:, None] * xw[senders]
-    messages = self.qpoint("message", messages, bits=bits, train=train)
+    messages = self.qpoint(
+      "message", messages, bits=bits, train=train, rows=rows.gather(senders)
+    )
     aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
-    s_star = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    s_star = _aggregate_and_prompt(
+      self, aggregate, bits=bits, train=train, rows=rows
+    )
     out = (
       s_star + self.param("bias", nn.initializers.zeros, (self.features,))[None]
     )
-    out = self.qpoint("output", out, bits=bits, train=train)
+    out = self.qpoint("output", out, bits=bits, train=train, rows=rows)
     return graph._replace(nodes=out)
 
 
@@ -259,32 +342,53 @@ class QuantGINConv(_QuantLayer):
     bits=None,
     train: bool = False,
     node_mask: jax.Array | None = None,
+    protected: jax.Array | None = None,
   ):
-    """Returns the graph with nodes [n_nodes, features]."""
+    """Returns the graph with nodes [n_nodes, features].
+
+    Args:
+      graph: the input graph.
+      bits: bit width (array).
+      train: training mode.
+      node_mask: bool [n_nodes], the real (unpadded) nodes.
+      protected: bool [n_nodes], Degree-Quant's protected nodes. As in its
+        GIN script, the MLP inside the update is not mask-aware: its
+        points quantize every node (and observe every real one).
+    """
     x = graph.nodes
     if isinstance(x, SparseFeatures):
       x = x.to_dense()
     n_nodes = x.shape[0]
-    x = self.qpoint("input", x, bits=bits, train=train)
-    messages = self.qpoint("message", x[graph.senders], bits=bits, train=train)
+    rows = node_row_masks(node_mask, protected)
+    x = self.qpoint("input", x, bits=bits, train=train, rows=rows)
+    messages = self.qpoint(
+      "message",
+      x[graph.senders],
+      bits=bits,
+      train=train,
+      rows=rows.gather(graph.senders),
+    )
     eps = self.param("eps", nn.initializers.zeros, ())
     aggregate = (1.0 + eps) * x + jax.ops.segment_sum(
       messages, graph.receivers, num_segments=n_nodes
     )
-    h = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    h = _aggregate_and_prompt(
+      self, aggregate, bits=bits, train=train, rows=rows
+    )
+    real_rows = RowMasks(observe=node_mask)
     for i in range(2):
       h = QuantDense(
         features=self.features,
         quantize_input=i > 0,
         quant=self.quant,
         name=f"mlp_{i}",
-      )(h, bits=bits, train=train)
+      )(h, bits=bits, train=train, rows=real_rows)
       h = nn.relu(h)
     if self.batch_norm:
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(
-        h, mask=None if node_mask is None else node_mask[:, None]
+        h, mask=_per_row(node_mask, 2)
       )
-    h = self.qpoint("output", h, bits=bits, train=train)
+    h = self.qpoint("output", h, bits=bits, train=train, rows=rows)
     return graph._replace(nodes=h)
 
 
@@ -312,14 +416,21 @@ class QuantGATConv(_QuantLayer):
   prompt: PostAggregationFn | None = None
 
   @nn.compact
-  def __call__(self, graph: jraph.GraphsTuple, *, bits=None, train=False):
+  def __call__(
+    self,
+    graph: jraph.GraphsTuple,
+    *,
+    bits=None,
+    train=False,
+    rows: RowMasks = ALL_ROWS,
+  ):
     """Returns the graph with nodes [n_nodes, heads * features] or
-    [n_nodes, features] (concat=False)."""
+    [n_nodes, features] (concat=False); `rows` as for `QuantGCNConv`."""
     n_nodes = graph.nodes.shape[0]
     h, f = self.heads, self.features
     xw = QuantDense(
       features=h * f, use_bias=False, quant=self.quant, name="linear"
-    )(graph.nodes, bits=bits, train=train).reshape(n_nodes, h, f)
+    )(graph.nodes, bits=bits, train=train, rows=rows).reshape(n_nodes, h, f)
     senders, receivers = add_self_loops(graph.senders, graph.receivers, n_nodes)
     glorot = nn.initializers.glorot_uniform()
     att_src = self.param("att_src", glorot, (1, h, f))
@@ -332,16 +443,20 @@ class QuantGATConv(_QuantLayer):
     if train and self.attention_dropout > 0:
       alpha = nn.Dropout(self.attention_dropout, deterministic=False)(alpha)
     messages = alpha[..., None] * xw[senders]
-    messages = self.qpoint("message", messages, bits=bits, train=train)
+    messages = self.qpoint(
+      "message", messages, bits=bits, train=train, rows=rows.gather(senders)
+    )
     aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
     aggregate = aggregate.reshape(n_nodes, h * f)
-    s_star = _aggregate_and_prompt(self, aggregate, bits=bits, train=train)
+    s_star = _aggregate_and_prompt(
+      self, aggregate, bits=bits, train=train, rows=rows
+    )
     if self.concat:
       out, width = s_star, h * f
     else:
       out, width = s_star.reshape(n_nodes, h, f).mean(axis=1), f
     out = out + self.param("bias", nn.initializers.zeros, (width,))[None]
-    out = self.qpoint("output", out, bits=bits, train=train)
+    out = self.qpoint("output", out, bits=bits, train=train, rows=rows)
     return graph._replace(nodes=out)
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from lorap_jax._src import layers, prompts
+from lorap_jax._src import degree_quant, layers, prompts
 from lorap_jax._src import quant_points as qp
 
 Architecture = Literal["gcn", "gin", "gat"]
@@ -112,7 +112,8 @@ class GNN(nn.Module):
         receivers hold both directions of every edge, without self-loops.
       bits: bit width (array) for every active quantization point.
       train: training mode (dropout on, ranges and BatchNorm stats updated;
-        needs the "dropout" rng and mutable collections).
+        needs the "dropout" rng, the "protect" rng under Degree-Quant, and
+        mutable collections).
     """
     if self.quant.enabled and bits is None:
       raise ValueError("bits must be given when quantization is enabled")
@@ -120,6 +121,8 @@ class GNN(nn.Module):
     node_mask = None
     if cfg.task == "graph":
       node_mask = jraph.get_node_padding_mask(graph)
+    protection = self._protection_probability(graph, train)
+    protected = None
     widths = self._layer_widths()
     for i, width in enumerate(widths):
       last_layer = cfg.task == "node" and i == len(widths) - 1
@@ -129,17 +132,40 @@ class GNN(nn.Module):
         # The node prompt is a parameter, not data: it goes in after the
         # input dropout, which would otherwise scatter it across features.
         graph = self._prompt_inputs(graph)
+      if protection is not None and (
+        protected is None or self.quant.protection.per_layer
+      ):
+        protected = degree_quant.sample_protection(
+          self.make_rng("protect"), protection
+        )
       conv = self._conv(i, width, last_layer)
       if cfg.architecture == "gin":
-        graph = conv(graph, bits=bits, train=train, node_mask=node_mask)
+        graph = conv(
+          graph,
+          bits=bits,
+          train=train,
+          node_mask=node_mask,
+          protected=protected,
+        )
       else:
-        graph = conv(graph, bits=bits, train=train)
+        rows = layers.node_row_masks(node_mask, protected)
+        graph = conv(graph, bits=bits, train=train, rows=rows)
       if not last_layer and cfg.architecture != "gin":
         # GIN's MLP already ends in ReLU (and BatchNorm).
         graph = graph._replace(nodes=nn.relu(graph.nodes))
     if cfg.task == "node":
       return graph.nodes
     return self._readout(graph, bits=bits, train=train)
+
+  def _protection_probability(self, graph, train: bool) -> jax.Array | None:
+    """Degree-Quant's per-node protection probability, in training only.
+
+    Computed on the input graph (before any self-loops), per graph of a
+    batch, as the reference's dataset transform does.
+    """
+    if not (train and self.quant.enabled and self.quant.protection):
+      return None
+    return degree_quant.protection_probability(graph, self.quant.protection)
 
   def _layer_widths(self) -> list[int]:
     cfg = self.model
@@ -193,14 +219,16 @@ class GNN(nn.Module):
   def _readout(self, graph: jraph.GraphsTuple, *, bits, train) -> jax.Array:
     cfg = self.model
     pooled = pool_graphs(graph, cfg.readout)
+    # Padding graphs must not widen (or, for percentiles, shift) ranges.
+    rows = layers.RowMasks(observe=jraph.get_graph_padding_mask(graph))
     h = layers.QuantDense(
       features=cfg.hidden, quant=self.quant, name="readout_0"
-    )(pooled, bits=bits, train=train)
+    )(pooled, bits=bits, train=train, rows=rows)
     h = nn.relu(h)
     h = feature_dropout(self, h, cfg.readout_dropout, train)
     return layers.QuantDense(
       features=cfg.num_classes, quant=self.quant, name="readout_1"
-    )(h, bits=bits, train=train)
+    )(h, bits=bits, train=train, rows=rows)
 
 
 def pool_graphs(graph: jraph.GraphsTuple, readout: str) -> jax.Array:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lorap_jax._src import quantization as q
+from lorap_jax._src.degree_quant import DegreeProtection
 
 QUANT_STATS = "quant_stats"
 
@@ -38,6 +39,7 @@ class QuantConfig:
       (Degree-Quant tracks them like activations; using the exact range of the
       current weights avoids a lag, and is the "running" choice for a tensor
       that is seen whole every step).
+    protection: Degree-Quant's protective masking in training (None: off).
   """
 
   enabled: bool = True
@@ -46,6 +48,7 @@ class QuantConfig:
   rounding: q.RoundingMode = "half_even"
   gradient: q.GradientMode = "identity"
   weight_calibration: str = "current"
+  protection: DegreeProtection | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.points) - set(POINT_NAMES))

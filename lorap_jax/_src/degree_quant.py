@@ -1,0 +1,104 @@
+"""Degree-Quant's protective masking (Tailor et al., ICLR 2021).
+
+High in-degree nodes accumulate the largest quantization error, so in
+training each forward pass "protects" a random subset of nodes, keeping them
+(and the messages they send) in full precision, with a probability that
+grows with in-degree: p_v = p_min + (p_max - p_min) * F(d_v), F the empirical
+CDF of in-degrees within v's own graph (`frameworks.md`, section 2.1). The
+unprotected elements alone set the quantizers' ranges; at inference no node
+is protected.
+
+Everything here is jit-friendly: the CDF is computed from a sort, without
+ragged shapes, for any number of graphs in a padded batch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import jraph
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DegreeProtection:
+  """Static description of Degree-Quant's protective masking.
+
+  Attributes:
+    p_min: protection probability of the lowest in-degree (``--low``).
+    p_max: probability of the highest in-degree (``--low + --change``).
+    per_layer: draw a fresh mask for every layer; by default one mask per
+      forward pass is shared by all layers, as in the reference GIN script.
+  """
+
+  p_min: float = 0.1
+  p_max: float = 0.2
+  per_layer: bool = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.p_min <= self.p_max <= 1.0:
+      raise ValueError(
+        "protection probabilities must satisfy 0 <= p_min <= p_max <= 1, "
+        f"got p_min={self.p_min}, p_max={self.p_max}"
+      )
+
+
+def _num_nodes(graph: jraph.GraphsTuple) -> int:
+  return graph.nodes.shape[0]  # Dense arrays and SparseFeatures alike.
+
+
+def in_degree_cdf(graph: jraph.GraphsTuple) -> jax.Array:
+  """F(d_v): the fraction of v's graph whose in-degree is at most d_v.
+
+  Sorting the nodes by (graph, in-degree) puts every graph's nodes in one
+  run, ordered by degree; a node's count is the position of the last node
+  of its graph with the same degree, minus the start of its graph.
+
+  Args:
+    graph: a (possibly padded, batched) graph; ``n_node`` gives the graphs.
+
+  Returns:
+    float32 [n_nodes] in (0, 1].
+  """
+  n_nodes = _num_nodes(graph)
+  degree = jax.ops.segment_sum(
+    jnp.ones(graph.receivers.shape, jnp.int32),
+    graph.receivers,
+    num_segments=n_nodes,
+  )
+  n_graphs = graph.n_node.shape[0]
+  graph_id = jnp.repeat(
+    jnp.arange(n_graphs, dtype=jnp.int32),
+    graph.n_node,
+    total_repeat_length=n_nodes,
+  )
+  position = jnp.arange(n_nodes, dtype=jnp.int32)
+  sorted_graph, sorted_degree, order = jax.lax.sort(
+    (graph_id, degree, position), num_keys=2
+  )
+  # The last position of each run of equal (graph, degree), seen from every
+  # position of the run: a reversed running minimum over the run ends.
+  next_differs = (sorted_graph[1:] != sorted_graph[:-1]) | (
+    sorted_degree[1:] != sorted_degree[:-1]
+  )
+  run_end = jnp.append(next_differs, True)
+  last_of_run = jax.lax.cummin(
+    jnp.where(run_end, position, n_nodes), reverse=True
+  )
+  graph_start = jnp.cumsum(graph.n_node) - graph.n_node
+  count = last_of_run + 1 - graph_start[sorted_graph]
+  size = jnp.maximum(graph.n_node[sorted_graph], 1)
+  cdf_sorted = count.astype(jnp.float32) / size.astype(jnp.float32)
+  return jnp.zeros(n_nodes, jnp.float32).at[order].set(cdf_sorted)
+
+
+def protection_probability(
+  graph: jraph.GraphsTuple, protection: DegreeProtection
+) -> jax.Array:
+  """p_v = p_min + (p_max - p_min) * F(d_v), float32 [n_nodes]."""
+  spread = protection.p_max - protection.p_min
+  return protection.p_min + spread * in_degree_cdf(graph)
+
+
+def sample_protection(key: jax.Array, probability: jax.Array) -> jax.Array:
+  """bool [n_nodes]: True where a node is protected (kept in FP32)."""
+  return jax.random.bernoulli(key, probability)
