@@ -56,7 +56,7 @@ def main():
   parser.add_argument("--out", default="runs/foundation")
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--graph-dataset", default="proteins")
-  parser.add_argument("--graph-epochs", type=int, default=100)
+  parser.add_argument("--graph-epochs", type=int, default=200)
   parser.add_argument("--skip-node", action="store_true")
   parser.add_argument("--skip-graph", action="store_true")
   parser.add_argument(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from lorap_jax._src import quant_points
+from lorap_jax._src import a2q, quant_points
 from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
 
 # Signature: (s_hat [n_nodes, d], requantize | None) -> s_star [n_nodes, d],
@@ -209,6 +209,18 @@ class _QuantLayer(nn.Module):
     Only the rows `rows.observe` set the range, and the rows `rows.keep`
     pass through unquantized (with an identity gradient).
     """
+    if self.quant.a2q is not None:
+      if not self.quant.active(name):
+        return x
+      return a2q.quantize_point(
+        self,
+        name,
+        x,
+        bits=bits,
+        config=self.quant.a2q,
+        clipped=self.quant.gradient == "clipped",
+        observe=rows.observe,
+      )
     grid = point_grid(
       self,
       name,

@@ -198,9 +198,19 @@ class GNN(nn.Module):
       name=f"lorap_{i}",
     )
 
+  def _layer_quant(self, i: int) -> qp.QuantConfig:
+    """Layer i's quantization: A2Q leaves the first input unquantized."""
+    a2q_config = self.quant.a2q
+    if i > 0 or a2q_config is None or a2q_config.quantize_first_input:
+      return self.quant
+    points = tuple(p for p in self.quant.points if p != "input")
+    return dataclasses.replace(self.quant, points=points)
+
   def _conv(self, i: int, width: int, last_layer: bool) -> nn.Module:
     cfg = self.model
-    common = dict(quant=self.quant, prompt=self._lorap(i), name=f"conv_{i}")
+    common = dict(
+      quant=self._layer_quant(i), prompt=self._lorap(i), name=f"conv_{i}"
+    )
     if cfg.architecture == "gcn":
       return layers.QuantGCNConv(features=width, **common)
     if cfg.architecture == "gin":

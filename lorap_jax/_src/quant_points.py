@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lorap_jax._src import quantization as q
+from lorap_jax._src.a2q import A2QConfig
 from lorap_jax._src.degree_quant import DegreeProtection
 
 QUANT_STATS = "quant_stats"
@@ -40,6 +41,8 @@ class QuantConfig:
       current weights avoids a lag, and is the "running" choice for a tensor
       that is seen whole every step).
     protection: Degree-Quant's protective masking in training (None: off).
+    a2q: A2Q's learned-step, learned-bit quantizer replaces the affine one
+      at every active point (None: affine).
   """
 
   enabled: bool = True
@@ -49,6 +52,7 @@ class QuantConfig:
   gradient: q.GradientMode = "identity"
   weight_calibration: str = "current"
   protection: DegreeProtection | None = None
+  a2q: A2QConfig | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.points) - set(POINT_NAMES))

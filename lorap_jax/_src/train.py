@@ -17,13 +17,13 @@ import numpy as np
 import optax
 import tqdm
 
+from lorap_jax._src import a2q, degree_quant, layers, models, prompts
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import degree_quant, layers, models, prompts
 from lorap_jax._src import quant_points as qp
 from lorap_jax._src import quantization as q
 
-MUTABLE = (qp.QUANT_STATS, "batch_stats")
+MUTABLE = (qp.QUANT_STATS, "batch_stats", a2q.FEATURE_MEMORY)
 
 
 class Batch(NamedTuple):
@@ -59,6 +59,8 @@ class TrainState:
   bits: jax.Array
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  # The model's quantization, for framework penalties in the loss.
+  quant: qp.QuantConfig = flax.struct.field(pytree_node=False, default=qp.FP32)
 
   def variables(self) -> dict:
     return {
@@ -86,6 +88,8 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
   points = tuple(p.strip() for p in config.quant.points.split(",") if p)
   if framework == "dq":
     return _degree_quant_config(config, points)
+  if framework == "a2q":
+    return _a2q_config(config)
   return qp.QuantConfig(
     points=points,
     calibration=q.CalibrationConfig(
@@ -95,6 +99,25 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     ),
     rounding=config.quant.rounding,
     gradient=config.quant.gradient,
+  )
+
+
+def _a2q_config(config) -> qp.QuantConfig:
+  """A2Q's quantizer at its own points (per channel / per node or pool)."""
+  settings = config.a2q
+  points = tuple(p.strip() for p in settings.points.split(",") if p)
+  return qp.QuantConfig(
+    points=points,
+    gradient=settings.gradient,
+    a2q=a2q.A2QConfig(
+      transductive=data_lib.is_node_dataset(config.dataset),
+      quantize_first_input=settings.quantize_first_input,
+      pool_size=settings.pool_size,
+      local_gradient=settings.local_gradient,
+      memory_weight=settings.memory_weight,
+      memory_target_kb=settings.memory_target_kb or None,
+      target_average_bits=settings.target_average_bits,
+    ),
   )
 
 
@@ -160,14 +183,32 @@ def create_model(
   )
 
 
+# Optimizer groups of A2Q's quantizer parameters, by leaf name. The
+# reference never hands weight and XW bit widths to its optimizer: they stay
+# at their initial value ("a2q_frozen").
+A2Q_GROUPS = {
+  "a2q_weight_step": "a2q_step_weight",
+  "a2q_xw_step": "a2q_step_xw",
+  "a2q_weight_bits": "a2q_frozen",
+  "a2q_xw_bits": "a2q_frozen",
+}
+
+
 def parameter_groups(params) -> Any:
-  """Labels every parameter "prompt" (GPF / LoRAP modules) or "backbone"."""
+  """Labels every parameter with its optimizer group.
+
+  "prompt" (GPF / LoRAP modules), "backbone", or an A2Q quantizer group:
+  "a2q_step_weight", "a2q_step_xw", "a2q_step_feature", "a2q_bits_feature"
+  or "a2q_frozen".
+  """
 
   def label(path, _):
-    names = [getattr(k, "key", str(k)) for k in path]
-    is_prompt = any(
-      str(n).startswith(prompts.PROMPT_MODULE_PREFIXES) for n in names
-    )
+    names = [str(getattr(k, "key", k)) for k in path]
+    leaf = names[-1]
+    if leaf.startswith("a2q_"):
+      default = "a2q_bits_feature" if leaf.endswith("_bits") else None
+      return A2Q_GROUPS.get(leaf, default or "a2q_step_feature")
+    is_prompt = any(n.startswith(prompts.PROMPT_MODULE_PREFIXES) for n in names)
     return "prompt" if is_prompt else "backbone"
 
   return jax.tree_util.tree_map_with_path(label, params)
@@ -214,8 +255,17 @@ def create_optimizer(
     learning_rate=schedule(prompt_lr),
     weight_decay=config.prompt.weight_decay,
   )
+  # A2Q's quantizer parameters: their own learning rates, no weight decay.
+  a2q_settings = config.get("a2q")
+  quantizer_groups = {"a2q_frozen": optax.set_to_zero()}
+  for group in ("step_weight", "step_xw", "step_feature", "bits_feature"):
+    lr = a2q_settings[f"lr_{group}"] if a2q_settings else 0.0
+    quantizer_groups[f"a2q_{group}"] = optax.inject_hyperparams(_adam_with_l2)(
+      learning_rate=schedule(lr), weight_decay=0.0
+    )
   return optax.multi_transform(
-    {"backbone": backbone, "prompt": prompt}, parameter_groups
+    {"backbone": backbone, "prompt": prompt, **quantizer_groups},
+    parameter_groups,
   )
 
 
@@ -251,6 +301,7 @@ def create_train_state(
     bits=bits,
     apply_fn=model.apply,
     tx=tx,
+    quant=model.quant,
   )
 
 
@@ -264,6 +315,17 @@ def cross_entropy_loss(*, logits, labels, mask) -> jax.Array:
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   weights = mask.astype(losses.dtype)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def quantization_penalty(quant: qp.QuantConfig, updates) -> jax.Array:
+  """The framework's regulariser from what the forward pass sowed.
+
+  A2Q: lambda * ReLU(M_feat - M_target)^2 on the feature memory (KB).
+  """
+  sown = updates.get(a2q.FEATURE_MEMORY)
+  if quant.a2q is None or not sown:
+    return jnp.zeros(())
+  return a2q.memory_penalty(sum(jax.tree.leaves(sown)), quant.a2q)
 
 
 @jax.jit
@@ -282,6 +344,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     loss = cross_entropy_loss(
       logits=logits, labels=batch.labels, mask=batch.mask
     )
+    loss = loss + quantization_penalty(state.quant, updates)
     return loss, (logits, updates)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -643,13 +706,17 @@ def _dataset_options(config) -> dict:
   return {"node_features": config.node_features}
 
 
-def framework_figures(config, dataset) -> dict:
+def framework_figures(config, dataset, states) -> dict:
   """The QAT framework's own figures for the summary, next to accuracies.
 
   Degree-Quant: the expected fraction of (real) nodes protected per forward
-  pass in training, the mean over nodes of p_v.
+  pass in training, the mean over nodes of p_v. A2Q: the average learned
+  feature bit width of the selected models (mean over runs).
   """
   quant = quant_config(config)
+  if quant.a2q is not None:
+    bits = [a2q.average_feature_bits(s.params) for s in states]
+    return {"a2q_average_feature_bits": float(np.mean(bits))}
   if quant.protection is None:
     return {}
   if isinstance(dataset, data_lib.NodeDataset):
@@ -692,7 +759,7 @@ def _summary(config, dataset, records, node_task) -> dict:
     "epoch_time_ms_median": float(np.median(steady)) if steady else None,
     "num_params": models.count_parameters(params),
     "num_prompt_params": int(prompt_params),
-    **framework_figures(config, dataset),
+    **framework_figures(config, dataset, [r.state for r in records]),
     "protocol": (
       f"{len(records)} runs ({runs}); test accuracy at the epoch selected by "
       f"{config.train.selection}; mean and sample std (ddof=1) over runs; "

@@ -1,0 +1,294 @@
+"""A2Q: aggregation-aware quantization with learned steps and bit widths.
+
+Zhu et al., ICLR 2023 (`frameworks.md`, section 3). A symmetric signed
+quantizer whose step s and real bit width b are parameters:
+
+    b_hat = round(|b|),  q_max = 2^(b_hat - 1) - 1
+    x_q   = sign(x) * floor(|clip(x / |s|, -q_max, q_max)| + 0.5) * |s|
+
+with hand-written gradients (inside means |x| <= q_max * s):
+
+    d x_q / d s = round(x / s) - x / s  inside,  sign(x) q_max         outside
+    d x_q / d b = 0                     inside,  sign(x) (q_max+1) ln2 s outside
+
+Granularity: weights and XW get one (s, b) per output channel; node features
+one per node (transductive node tasks) or, for graph tasks, one of a pool
+of M pairs chosen per node by the nearest-neighbour rule. For node-task
+features and XW the "local gradient" replaces the task gradient of s and b
+by that of the L1 quantization error, sign(x_q - x), averaged over the
+feature axis: most nodes of a semi-supervised task get no task gradient.
+"""
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# The collection where every A2Q feature point sows its memory (KB).
+FEATURE_MEMORY = "a2q_feature_memory"
+# Points whose tensors are per-node features; the others are per channel.
+FEATURE_POINTS = ("input", "aggregate", "output")
+CHANNEL_POINTS = ("weight", "xw")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class A2QConfig:
+  """Static A2Q settings (reference defaults for Cora GCN, section 3.6).
+
+  Attributes:
+    pool_size: M, the (s, b) pairs shared by nodes in graph tasks.
+    weight_step_init: mean and std of |N(.)| for weight steps.
+    feature_step_init: mean and std of |N(.)| for feature steps.
+    xw_step_init: mean and std of |N(.)| for XW steps.
+    transductive: a node task on one graph: one (s, b) per node. Otherwise
+      (graph tasks) nodes share a pool of `pool_size` pairs.
+    quantize_first_input: quantize the first layer's input (off in the
+      reference: Planetoid bag-of-words features are 0/1).
+    local_gradient: node-task features and XW learn from their own L1
+      quantization error instead of the task loss.
+    memory_weight: lambda of the memory penalty (``--a_loss``).
+    memory_target_kb: the feature memory the penalty allows (``--a_storage``);
+      None: `target_average_bits` bits per feature element.
+    target_average_bits: the allowed memory as an average bit width, which
+      does not depend on the graph's size or the hidden width.
+  """
+
+  transductive: bool = True
+  quantize_first_input: bool = False
+  pool_size: int = 1000
+  weight_step_init: tuple[float, float] = (0.1, 0.2)
+  feature_step_init: tuple[float, float] = (0.01, 0.01)
+  xw_step_init: tuple[float, float] = (0.01, 0.01)
+  local_gradient: bool = True
+  memory_weight: float = 2.5
+  memory_target_kb: float | None = None
+  target_average_bits: float = 4.0
+
+  def __post_init__(self):
+    if self.pool_size < 1:
+      raise ValueError(f"A2Q pool_size={self.pool_size} must be at least 1")
+    target = self.memory_target_kb
+    if self.memory_weight < 0 or (target is not None and target < 0):
+      raise ValueError("A2Q memory_weight and memory_target_kb must be >= 0")
+    if self.target_average_bits <= 0:
+      raise ValueError(
+        f"A2Q target_average_bits={self.target_average_bits} must be > 0"
+      )
+
+
+def clip_level(bits: jax.Array) -> jax.Array:
+  """q_max = 2^(round(b) - 1) - 1 for positive real bit widths b."""
+  return 2.0 ** (jnp.round(bits) - 1.0) - 1.0
+
+
+def _reduce_to(grad: jax.Array, shape: tuple[int, ...], mean: bool):
+  """Sums (or averages) `grad` over the axes where `shape` broadcasts."""
+  axes = tuple(
+    i for i, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1
+  )
+  reduced = (
+    jnp.mean(grad, axes, keepdims=True)
+    if mean
+    else grad.sum(axes, keepdims=True)
+  )
+  return reduced.reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def quantize(x, step, bits, local_gradient: bool, clipped: bool):
+  """A2Q fake quantization with its custom gradients.
+
+  Args:
+    x: [rows, cols] tensor.
+    step: positive steps broadcastable to `x` ([rows, 1] or [1, cols]).
+    bits: positive real bit widths, the shape of `step`.
+    local_gradient: train `step` and `bits` on sign(x_q - x), averaged over
+      the broadcast axis, instead of the upstream gradient (summed).
+    clipped: zero the gradient of `x` where |x / s| > q_max (the clipped
+      STE). Note: the reference clamps x / s in place before saving it, so
+      its clipping test never fires and its STE is the identity in effect.
+
+  Returns:
+    x_q, the shape of `x`.
+  """
+  return _quantize_fwd(x, step, bits, local_gradient, clipped)[0]
+
+
+def _quantize_fwd(x, step, bits, local_gradient, clipped):
+  del local_gradient, clipped
+  q_max = clip_level(bits)
+  scaled = jnp.clip(x / step, -q_max, q_max)
+  # Half away from zero, with the sign of x itself: at round(b) = 0 the
+  # clip level is -1/2, every |x / s| becomes 1/2 and the quantizer is the
+  # binary sign(x) * s, as in the reference.
+  codes = jnp.sign(x) * jnp.floor(jnp.abs(scaled) + 0.5)
+  return codes * step, (x, step, bits, scaled, codes)
+
+
+def _quantize_bwd(local_gradient, clipped, residuals, g):
+  x, step, bits, scaled, codes = residuals
+  q_max = clip_level(bits)
+  inside = jnp.abs(x) <= q_max * step
+  grad_x = jnp.where(inside, g, 0.0) if clipped else g
+  d_step = jnp.where(inside, codes - scaled, jnp.sign(x) * q_max)
+  d_bits = jnp.where(
+    inside, 0.0, jnp.sign(x) * (q_max + 1.0) * math.log(2.0) * step
+  )
+  upstream = jnp.sign(codes * step - x) if local_gradient else g
+  grad_step = _reduce_to(upstream * d_step, step.shape, local_gradient)
+  grad_bits = _reduce_to(upstream * d_bits, bits.shape, local_gradient)
+  return grad_x, grad_step, grad_bits
+
+
+quantize.defvjp(_quantize_fwd, _quantize_bwd)
+
+
+def nearest_pool_entries(
+  x: jax.Array, pool_step: jax.Array, pool_bits: jax.Array
+) -> jax.Array:
+  """Section 3.4: the pool entry of each node, argmin_k (f_i - m_k)^2.
+
+  f_i = max_j |x_ij| and m_k = 2^(round|b_k| - 1) * s_k: the reference has
+  no "- 1" in m_k (the paper's Algorithm 1 writes q_max * s); kept as coded.
+
+  Args:
+    x: [n_nodes, d] features.
+    pool_step: [M] steps.
+    pool_bits: [M] bit widths.
+
+  Returns:
+    int32 [n_nodes] pool indices.
+  """
+  feature_max = jnp.max(jnp.abs(x), axis=-1)
+  entry_max = 2.0 ** (jnp.round(jnp.abs(pool_bits)) - 1.0) * jnp.abs(pool_step)
+  distance = (feature_max[:, None] - entry_max[None, :]) ** 2
+  return jnp.argmin(jax.lax.stop_gradient(distance), axis=-1).astype(jnp.int32)
+
+
+def _abs_normal_init(mean: float, std: float):
+  def init(key, shape):
+    return jnp.abs(mean + std * jax.random.normal(key, shape, jnp.float32))
+
+  return init
+
+
+def _constant_init(value):
+  def init(key, shape):
+    del key
+    return jnp.full(shape, value, jnp.float32)
+
+  return init
+
+
+def quantize_point(
+  module: nn.Module,
+  name: str,
+  x: jax.Array,
+  *,
+  bits,
+  config: A2QConfig,
+  clipped: bool,
+  observe: jax.Array | None = None,
+) -> jax.Array:
+  """The A2Q quantizer of the point `name` inside `module`.
+
+  Parameters (in "params", named ``a2q_<point>_step`` / ``_bits``) are
+  created on first use; `bits` is only their initial bit width. Feature
+  points sow their memory into `FEATURE_MEMORY` for the penalty: width *
+  sum of |b| / 8192 KB, over the real nodes (`observe`) of a node task, or
+  over the pool entries the real nodes of a batch use. The reference
+  multiplies by the hidden width at every layer; this uses each tensor's
+  own width.
+
+  Raises:
+    ValueError: for a point A2Q does not quantize (messages).
+  """
+  if name in CHANNEL_POINTS:
+    flat = x.reshape(-1, x.shape[-1])
+    init = config.weight_step_init if name == "weight" else config.xw_step_init
+    step = module.param(
+      f"a2q_{name}_step", _abs_normal_init(*init), (1, flat.shape[1])
+    )
+    bit_param = module.param(
+      f"a2q_{name}_bits", _constant_init(bits), (1, flat.shape[1])
+    )
+    local = config.local_gradient and name == "xw" and config.transductive
+    y = quantize(flat, jnp.abs(step), jnp.abs(bit_param), local, clipped)
+    return y.reshape(x.shape)
+  if name not in FEATURE_POINTS:
+    raise ValueError(
+      f"A2Q quantizes the points {CHANNEL_POINTS + FEATURE_POINTS}, not "
+      f"{name!r}; drop it from quant.points"
+    )
+  if x.ndim != 2:
+    raise ValueError(
+      f"A2Q quantizes node features [n_nodes, d] per node; the point {name!r} "
+      f"got shape {x.shape} (sparse inputs: set sparse_input=False)"
+    )
+  flat = x
+  step_init = _abs_normal_init(*config.feature_step_init)
+  observed = jnp.ones(x.shape[0]) if observe is None else observe
+  if config.transductive:
+    # Transductive: one (s, b) per node of the one graph.
+    step = jnp.abs(module.param(f"a2q_{name}_step", step_init, (x.shape[0], 1)))
+    node_bits = jnp.abs(
+      module.param(f"a2q_{name}_bits", _constant_init(bits), (x.shape[0], 1))
+    )
+    local = config.local_gradient
+    memory_bits = jnp.sum(node_bits[:, 0] * observed)
+  else:
+    pool_step = module.param(f"a2q_{name}_step", step_init, (config.pool_size,))
+    pool_bits = module.param(
+      f"a2q_{name}_bits", _constant_init(bits), (config.pool_size,)
+    )
+    entry = nearest_pool_entries(flat, pool_step, pool_bits)
+    step = jnp.abs(pool_step)[entry][:, None]
+    node_bits = jnp.abs(pool_bits)[entry][:, None]
+    local = False
+    # The reference counts each pool entry a batch uses once.
+    used = jnp.zeros(config.pool_size).at[entry].max(observed)
+    memory_bits = jnp.sum(used * jnp.abs(pool_bits))
+  y = quantize(flat, step, node_bits, local, clipped)
+  # (memory in KB, KB per bit of average width) of this point.
+  kb_per_bit = flat.shape[1] * jnp.sum(observed) / 8192.0
+  memory = jnp.stack([flat.shape[1] * memory_bits / 8192.0, kb_per_bit])
+  module.sow(FEATURE_MEMORY, name, memory)
+  return y
+
+
+def memory_penalty(memory: jax.Array, config: A2QConfig) -> jax.Array:
+  """lambda * ReLU(M_feat - M_target)^2, section 3.5.
+
+  Args:
+    memory: the sum of what the feature points sowed: (M_feat in KB, KB
+      per bit of average width).
+    config: the penalty's weight and target.
+  """
+  target = config.memory_target_kb
+  if target is None:
+    target = config.target_average_bits * memory[1]
+  excess = jax.nn.relu(memory[0] - target)
+  return config.memory_weight * excess**2
+
+
+def average_feature_bits(params) -> float:
+  """Mean storage width, max(round(|b|), 1), of every feature (s, b) pair.
+
+  round(|b|) = 0 still stores one bit (the sign quantizer above).
+  """
+  values = [
+    jnp.maximum(jnp.round(jnp.abs(leaf)), 1.0).reshape(-1)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if _leaf_name(path).endswith("_bits")
+    and _leaf_name(path).split("_")[1] in FEATURE_POINTS
+  ]
+  if not values:
+    return float("nan")
+  return float(jnp.mean(jnp.concatenate(values)))
+
+
+def _leaf_name(path) -> str:
+  return str(getattr(path[-1], "key", path[-1]))

@@ -1,0 +1,278 @@
+"""A2Q: the learned-step, learned-bit quantizer, its gradients and pool."""
+
+import dataclasses
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import pytest
+
+import lorap_jax
+from lorap_jax._src import a2q, train
+
+
+def _numpy_quantize(x, step, bits):
+  """Section 3.1's forward pass, written out in numpy."""
+  q_max = 2.0 ** (np.round(bits) - 1) - 1
+  scaled = np.clip(x / step, -q_max, q_max)
+  return np.sign(x) * np.floor(np.abs(scaled) + 0.5) * step
+
+
+def _numpy_local_grads(x, step, bits, upstream):
+  """d x_q / d s and d x_q / d b times `upstream`, per element."""
+  q_max = 2.0 ** (np.round(bits) - 1) - 1
+  inside = np.abs(x) <= q_max * step
+  scaled = np.clip(x / step, -q_max, q_max)
+  codes = np.sign(x) * np.floor(np.abs(scaled) + 0.5)
+  d_step = np.where(inside, codes - scaled, np.sign(x) * q_max)
+  d_bits = np.where(inside, 0.0, np.sign(x) * (q_max + 1) * math.log(2) * step)
+  return upstream * d_step, upstream * d_bits
+
+
+@pytest.fixture
+def per_row_case():
+  rng = np.random.default_rng(0)
+  x = rng.normal(scale=0.5, size=(6, 5)).astype(np.float32)
+  step = rng.uniform(0.05, 0.2, size=(6, 1)).astype(np.float32)
+  bits = np.array([[2.2], [3.0], [4.4], [1.6], [5.0], [3.6]], np.float32)
+  return x, step, bits
+
+
+def test_forward_matches_the_formula(per_row_case):
+  x, step, bits = per_row_case
+  got = a2q.quantize(jnp.asarray(x), step, bits, False, True)
+  np.testing.assert_allclose(got, _numpy_quantize(x, step, bits), rtol=1e-6)
+  codes = np.asarray(got) / step
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+  assert np.all(np.abs(codes) <= 2.0 ** (np.round(bits) - 1) - 1 + 1e-4)
+
+
+def test_rounding_is_half_away_from_zero():
+  x = jnp.array([[0.5, -0.5, 1.5, -1.5, 2.5]])
+  got = a2q.quantize(x, jnp.ones((1, 1)), jnp.full((1, 1), 8.0), False, True)
+  chex.assert_trees_all_equal(got, jnp.array([[1.0, -1.0, 2.0, -2.0, 3.0]]))
+
+
+def test_degenerate_widths_behave_as_in_the_reference():
+  x = jnp.array([[0.3, -2.0, 0.01]])
+  step = jnp.full((1, 1), 0.1)
+  # round(b) = 1: the clip level is 0 and every value quantizes to zero.
+  zeros = a2q.quantize(x, step, jnp.ones((1, 1)), False, True)
+  chex.assert_trees_all_equal(zeros, jnp.zeros((1, 3)))
+  # round(b) = 0: the clip level is -1/2, giving the sign quantizer.
+  signs = a2q.quantize(x, step, jnp.full((1, 1), 0.2), False, True)
+  chex.assert_trees_all_close(signs, jnp.array([[0.1, -0.1, 0.1]]))
+
+
+def test_task_gradients_of_step_and_bits_follow_the_formulas(per_row_case):
+  x, step, bits = per_row_case
+  upstream = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+
+  def loss(s, b):
+    return jnp.sum(upstream * a2q.quantize(jnp.asarray(x), s, b, False, True))
+
+  grad_step, grad_bits = jax.grad(loss, (0, 1))(step, bits)
+  want_step, want_bits = _numpy_local_grads(x, step, bits, upstream)
+  # One (s, b) per row: summed over the row.
+  np.testing.assert_allclose(grad_step, want_step.sum(1, keepdims=True), 1e-5)
+  np.testing.assert_allclose(grad_bits, want_bits.sum(1, keepdims=True), 1e-5)
+  assert np.any(want_bits != 0)  # Some values were clipped.
+
+
+def test_local_gradient_ignores_the_task_gradient(per_row_case):
+  x, step, bits = per_row_case
+
+  def grads(scale):
+    def loss(s, b):
+      return scale * jnp.sum(a2q.quantize(jnp.asarray(x), s, b, True, True))
+
+    return jax.grad(loss, (0, 1))(step, bits)
+
+  chex.assert_trees_all_close(grads(1.0), grads(7.0))
+  error_sign = np.sign(_numpy_quantize(x, step, bits) - x)
+  want_step, want_bits = _numpy_local_grads(x, step, bits, error_sign)
+  got_step, got_bits = grads(1.0)
+  # Averaged over the feature axis.
+  np.testing.assert_allclose(got_step, want_step.mean(1, keepdims=True), 1e-5)
+  np.testing.assert_allclose(got_bits, want_bits.mean(1, keepdims=True), 1e-5)
+
+
+def test_step_gradient_outside_the_range_matches_finite_differences():
+  # Clipped values are sign(x) q_max s: linear in s, so the formula is the
+  # true derivative there.
+  x = jnp.array([[3.0, -5.0, 4.0]])
+  bits = jnp.full((1, 1), 3.0)  # q_max = 3; |x / s| > 3 for s = 0.5.
+
+  def f(s):
+    return jnp.sum(a2q.quantize(x, jnp.full((1, 1), s), bits, False, True))
+
+  eps = 1e-3
+  numeric = (f(0.5 + eps) - f(0.5 - eps)) / (2 * eps)
+  analytic = jax.grad(f)(0.5)
+  np.testing.assert_allclose(analytic, numeric, rtol=1e-3)
+  np.testing.assert_allclose(analytic, 3.0 * (1 - 1 + 1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("clipped", "want"), [(True, 0.0), (False, 1.0)])
+def test_input_gradient_is_the_clipped_or_identity_ste(clipped, want):
+  x = jnp.array([[0.05, 9.0]])
+
+  def f(values):
+    return jnp.sum(
+      a2q.quantize(
+        values, jnp.full((1, 1), 0.1), jnp.full((1, 1), 4.0), False, clipped
+      )
+    )
+
+  grad = jax.grad(f)(x)
+  chex.assert_trees_all_equal(grad, jnp.array([[1.0, want]]))
+
+
+def test_quantizer_under_jit_and_vmap(per_row_case):
+  x, step, bits = per_row_case
+  xs = jnp.stack([x, 2 * x, -x])
+  fn = jax.jit(jax.vmap(lambda v: a2q.quantize(v, step, bits, True, True)))
+  batched = fn(xs)
+  for i in range(3):
+    np.testing.assert_allclose(
+      batched[i], _numpy_quantize(np.asarray(xs[i]), step, bits), rtol=1e-6
+    )
+
+
+# --- Graph tasks: the nearest-neighbour pool ----------------------------------
+
+
+def test_pool_assignment_is_the_nearest_clip_level():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(20, 4)).astype(np.float32)
+  pool_step = rng.uniform(0.01, 0.5, size=7).astype(np.float32)
+  pool_bits = rng.uniform(2, 6, size=7).astype(np.float32)
+  got = a2q.nearest_pool_entries(jnp.asarray(x), pool_step, pool_bits)
+  entry_max = 2.0 ** (np.round(pool_bits) - 1) * pool_step
+  feature_max = np.abs(x).max(1)
+  want = np.argmin((feature_max[:, None] - entry_max[None]) ** 2, axis=1)
+  chex.assert_trees_all_equal(got, jnp.asarray(want, jnp.int32))
+
+
+def test_pool_gradients_reach_only_the_chosen_entries():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(12, 8)), jnp.float32)
+  config = a2q.A2QConfig(transductive=False, pool_size=50)
+
+  class Features(nn.Module):
+    @nn.compact
+    def __call__(self, v):
+      return a2q.quantize_point(
+        self, "input", v, bits=4.0, config=config, clipped=True
+      )
+
+  model = Features()
+  params = model.init(jax.random.key(0), x)["params"]
+  entries = a2q.nearest_pool_entries(
+    x, params["a2q_input_step"], params["a2q_input_bits"]
+  )
+
+  def loss(p):
+    y, _ = model.apply({"params": p}, x, mutable=[a2q.FEATURE_MEMORY])
+    return jnp.sum(y * x)
+
+  grads = jax.grad(loss)(params)["a2q_input_step"]
+  unused = np.setdiff1d(np.arange(50), np.asarray(entries))
+  assert np.all(np.asarray(grads)[unused] == 0)
+  assert np.any(np.asarray(grads)[np.asarray(entries)] != 0)
+
+
+# --- The memory penalty and the model -----------------------------------------
+
+
+def test_memory_penalty_value():
+  config = a2q.A2QConfig(memory_weight=2.5, memory_target_kb=5.0)
+  penalty = a2q.memory_penalty(jnp.array([9.0, 1.0]), config)
+  np.testing.assert_allclose(penalty, 2.5 * 4.0**2)
+  assert float(a2q.memory_penalty(jnp.array([4.0, 1.0]), config)) == 0.0
+  # The default target: an average width times the KB per bit.
+  by_bits = a2q.A2QConfig(memory_weight=1.0, target_average_bits=4.0)
+  np.testing.assert_allclose(
+    a2q.memory_penalty(jnp.array([10.0, 2.0]), by_bits), 4.0
+  )
+
+
+def _cora_a2q_state(data_dir):
+  config = lorap_jax.get_config("cora")
+  config.quant.framework = "a2q"
+  config.prompt.kind = "lorap"
+  config.data_dir = str(data_dir)
+  dataset = lorap_jax.load_dataset("cora", data_dir)
+  model = lorap_jax.create_model(config, num_classes=7, task="node")
+  graph, eval_batch = train.node_inputs(dataset, config)
+  state = lorap_jax.create_train_state(
+    model, lorap_jax.create_optimizer(config), graph, jax.random.key(0), 4
+  )
+  batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  return state, batch
+
+
+def test_a2q_model_parameters_groups_and_penalty(data_dir):
+  state, batch = _cora_a2q_state(data_dir)
+  params = state.params
+  # No input quantizer in layer 1 (0/1 features); per node in layer 2.
+  assert "a2q_input_step" not in params["conv_0"]["linear"]
+  assert params["conv_1"]["linear"]["a2q_input_bits"].shape == (2708, 1)
+  assert params["conv_0"]["linear"]["a2q_weight_step"].shape == (1, 64)
+  groups = train.parameter_groups(params)
+  assert groups["conv_1"]["linear"]["a2q_input_bits"] == "a2q_bits_feature"
+  assert groups["conv_0"]["linear"]["a2q_weight_bits"] == "a2q_frozen"
+  assert groups["conv_0"]["linear"]["a2q_xw_step"] == "a2q_step_xw"
+  assert groups["lorap_0"]["p_a"] == "prompt"
+  # A target below the initial 4 bits makes the penalty bite.
+  tight = state.replace(
+    quant=dataclasses.replace(
+      state.quant,
+      a2q=a2q.A2QConfig(target_average_bits=2.0, memory_weight=1.0),
+    )
+  )
+  _, loose_metrics = lorap_jax.train_step(state, batch, jax.random.key(1))
+  stepped, tight_metrics = lorap_jax.train_step(tight, batch, jax.random.key(1))
+  # Layer 2's input: 64 features x 2708 nodes x 2 excess bits / 8192 KB.
+  excess_kb = 64 * 2708 * 2 / 8192
+  np.testing.assert_allclose(
+    tight_metrics["loss"] - loose_metrics["loss"], excess_kb**2, rtol=1e-3
+  )
+  new, old = stepped.params["conv_1"]["linear"], params["conv_1"]["linear"]
+  assert np.all(new["a2q_input_bits"] < old["a2q_input_bits"])
+  chex.assert_trees_all_equal(new["a2q_weight_bits"], old["a2q_weight_bits"])
+  assert a2q.average_feature_bits(params) == 4.0
+
+
+def test_cora_a2q_trains_and_reports_average_bits(data_dir, tmp_path):
+  config = lorap_jax.get_config("cora")
+  config.quant.framework = "a2q"
+  config.prompt.kind = "none"
+  config.seeds, config.train.epochs = 1, 60
+  config.data_dir = str(data_dir)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  # A2Q reaches ~80% on Cora with these settings; chance is ~30%.
+  assert summary["test_acc_mean"] > 0.7
+  assert 1.0 <= summary["a2q_average_feature_bits"] <= 8.0
+
+
+def test_a2q_refuses_message_points():
+  config = lorap_jax.get_config("cora")
+  config.quant.framework = "a2q"
+  config.a2q.points = "input,message"
+  model = lorap_jax.create_model(config, num_classes=2, task="node")
+  graph = jraph.GraphsTuple(
+    nodes=jnp.ones((3, 2)),
+    edges=None,
+    senders=jnp.array([0, 1]),
+    receivers=jnp.array([1, 2]),
+    globals=None,
+    n_node=jnp.array([3]),
+    n_edge=jnp.array([2]),
+  )
+  with pytest.raises(ValueError, match="A2Q quantizes the points"):
+    model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))
