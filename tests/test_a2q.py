@@ -276,3 +276,30 @@ def test_a2q_refuses_message_points():
   )
   with pytest.raises(ValueError, match="A2Q quantizes the points"):
     model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))
+
+
+def test_lorap_requantization_reuses_the_aggregate_quantizer():
+  config = lorap_jax.get_config("cora")
+  config.quant.framework = "a2q"
+  config.a2q.points = "aggregate,weight"
+  model = lorap_jax.create_model(config, num_classes=3, task="node")
+  graph = jraph.GraphsTuple(
+    nodes=jnp.asarray(
+      np.random.default_rng(4).normal(size=(5, 4)), jnp.float32
+    ),
+    edges=None,
+    senders=jnp.array([0, 1, 2, 3]),
+    receivers=jnp.array([1, 2, 3, 4]),
+    globals=None,
+    n_node=jnp.array([5]),
+    n_edge=jnp.array([4]),
+  )
+  bits = jnp.asarray(4.0)
+  variables = model.init(jax.random.key(0), graph, bits=bits)
+  assert variables["params"]["conv_0"]["a2q_aggregate_bits"].shape == (5, 1)
+  _, sown = model.apply(
+    variables, graph, bits=bits, mutable=[a2q.FEATURE_MEMORY]
+  )
+  # One memory entry per layer, though LoRAP visits the aggregate twice.
+  for layer in ("conv_0", "conv_1"):
+    assert len(sown[a2q.FEATURE_MEMORY][layer]["aggregate"]) == 1

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorap_jax._src.revisits import shared_param, sow_once
+
 # The collection where every A2Q feature point sows its memory (KB).
 FEATURE_MEMORY = "a2q_feature_memory"
 # Points whose tensors are per-node features; the others are per channel.
@@ -209,11 +211,11 @@ def quantize_point(
   if name in CHANNEL_POINTS:
     flat = x.reshape(-1, x.shape[-1])
     init = config.weight_step_init if name == "weight" else config.xw_step_init
-    step = module.param(
-      f"a2q_{name}_step", _abs_normal_init(*init), (1, flat.shape[1])
+    step = shared_param(
+      module, f"a2q_{name}_step", _abs_normal_init(*init), (1, flat.shape[1])
     )
-    bit_param = module.param(
-      f"a2q_{name}_bits", _constant_init(bits), (1, flat.shape[1])
+    bit_param = shared_param(
+      module, f"a2q_{name}_bits", _constant_init(bits), (1, flat.shape[1])
     )
     local = config.local_gradient and name == "xw" and config.transductive
     y = quantize(flat, jnp.abs(step), jnp.abs(bit_param), local, clipped)
@@ -233,16 +235,22 @@ def quantize_point(
   observed = jnp.ones(x.shape[0]) if observe is None else observe
   if config.transductive:
     # Transductive: one (s, b) per node of the one graph.
-    step = jnp.abs(module.param(f"a2q_{name}_step", step_init, (x.shape[0], 1)))
+    step = jnp.abs(
+      shared_param(module, f"a2q_{name}_step", step_init, (x.shape[0], 1))
+    )
     node_bits = jnp.abs(
-      module.param(f"a2q_{name}_bits", _constant_init(bits), (x.shape[0], 1))
+      shared_param(
+        module, f"a2q_{name}_bits", _constant_init(bits), (x.shape[0], 1)
+      )
     )
     local = config.local_gradient
     memory_bits = jnp.sum(node_bits[:, 0] * observed)
   else:
-    pool_step = module.param(f"a2q_{name}_step", step_init, (config.pool_size,))
-    pool_bits = module.param(
-      f"a2q_{name}_bits", _constant_init(bits), (config.pool_size,)
+    pool_step = shared_param(
+      module, f"a2q_{name}_step", step_init, (config.pool_size,)
+    )
+    pool_bits = shared_param(
+      module, f"a2q_{name}_bits", _constant_init(bits), (config.pool_size,)
     )
     entry = nearest_pool_entries(flat, pool_step, pool_bits)
     step = jnp.abs(pool_step)[entry][:, None]
@@ -255,7 +263,7 @@ def quantize_point(
   # (memory in KB, KB per bit of average width) of this point.
   kb_per_bit = flat.shape[1] * jnp.sum(observed) / 8192.0
   memory = jnp.stack([flat.shape[1] * memory_bits / 8192.0, kb_per_bit])
-  module.sow(FEATURE_MEMORY, name, memory)
+  sow_once(module, FEATURE_MEMORY, name, memory)
   return y
 
 

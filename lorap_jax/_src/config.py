@@ -7,7 +7,7 @@ The config never enters `jit`: `train.create_model` and
 import ml_collections
 from ml_collections import config_dict
 
-FRAMEWORKS = ("fp32", "qat", "dq", "a2q")
+FRAMEWORKS = ("fp32", "qat", "dq", "a2q", "mixq")
 
 
 def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
@@ -99,6 +99,24 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.a2q.lr_step_xw = 0.008
   config.a2q.lr_step_feature = 0.04
   config.a2q.lr_bits_feature = 0.1
+
+  # MixQ (framework "mixq"): softmax-relaxed mixture over candidate widths
+  # per component with learned scales and zero points, lambda * expected
+  # memory, argmax selection, then the fixed widths trained again. Node
+  # tasks: the reference's three stages (search, FP32, quantized fine-tune
+  # from the best FP32 weights at finetune_lr without weight decay); graph
+  # tasks: search for train.epochs, then QAT from scratch as long.
+  config.mixq = ml_collections.ConfigDict()
+  config.mixq.candidates = "2,4,8"
+  config.mixq.memory_weight = 0.1  # lambda
+  config.mixq.granularity = "column"
+  config.mixq.points = "input,weight,xw,aggregate"
+  config.mixq.search_epochs = 50
+  config.mixq.fp32_epochs = 50
+  config.mixq.finetune_epochs = 50
+  config.mixq.finetune_lr = 1e-3
+  # The fixed stage's widths, "component=bits,..."; empty: search first.
+  config.mixq.selected = ""
 
   # --- Prompts ------------------------------------------------------------
   config.prompt = ml_collections.ConfigDict()

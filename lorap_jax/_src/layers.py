@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from lorap_jax._src import a2q, quant_points
+from lorap_jax._src import a2q, mixq, quant_points
 from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
 
 # Signature: (s_hat [n_nodes, d], requantize | None) -> s_star [n_nodes, d],
@@ -131,6 +131,13 @@ def matmul(x: Features, w: jax.Array) -> jax.Array:
   return x @ w
 
 
+def _multiply_adds(x: Features, width: int) -> int:
+  """Multiply-adds of x @ W with W [f, width] (non-zeros only if sparse)."""
+  if isinstance(x, SparseFeatures):
+    return x.values.shape[0] * width
+  return x.shape[0] * x.shape[1] * width
+
+
 def quantize_features(
   layer: "_QuantLayer", x: Features, *, bits, train, rows: "RowMasks"
 ) -> Features:
@@ -176,7 +183,13 @@ def gcn_normalization(
 
 
 def _aggregate_and_prompt(
-  layer: "_QuantLayer", aggregate: jax.Array, *, bits, train, rows: RowMasks
+  layer: "_QuantLayer",
+  aggregate: jax.Array,
+  *,
+  bits,
+  train,
+  rows: RowMasks,
+  additions: int,
 ) -> jax.Array:
   """S_hat = Q_agg(aggregate), then the post-aggregation hook.
 
@@ -185,6 +198,9 @@ def _aggregate_and_prompt(
   the prompted aggregate, so a prompt that moves values is not silently
   clipped to the range of the unprompted ones.
   """
+  if layer.quant.mixq is not None:
+    # The aggregation's operation count, for MixQ's bit-operation estimate.
+    layer.sow(mixq.OPERATIONS, "aggregate", additions)
   s_hat = layer.qpoint(
     "aggregate", aggregate, bits=bits, train=train, rows=rows
   )
@@ -209,6 +225,12 @@ class _QuantLayer(nn.Module):
     Only the rows `rows.observe` set the range, and the rows `rows.keep`
     pass through unquantized (with an identity gradient).
     """
+    if self.quant.mixq is not None:
+      if not self.quant.active(name):
+        return x
+      return mixq.quantize_point(
+        self, name, x, config=self.quant.mixq, observe=rows.observe
+      )
     if self.quant.a2q is not None:
       if not self.quant.active(name):
         return x
@@ -268,6 +290,8 @@ class QuantDense(_QuantLayer):
       (feature_width(x), self.features),
     )
     kernel = self.qpoint("weight", kernel, bits=bits, train=train)
+    if self.quant.mixq is not None:
+      self.sow(mixq.OPERATIONS, "matmul", _multiply_adds(x, self.features))
     y = self.qpoint("xw", matmul(x, kernel), bits=bits, train=train, rows=rows)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))[None]
@@ -319,7 +343,12 @@ class QuantGCNConv(_QuantLayer):
     )
     aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
     s_star = _aggregate_and_prompt(
-      self, aggregate, bits=bits, train=train, rows=rows
+      self,
+      aggregate,
+      bits=bits,
+      train=train,
+      rows=rows,
+      additions=messages.size,
     )
     out = (
       s_star + self.param("bias", nn.initializers.zeros, (self.features,))[None]
@@ -385,7 +414,12 @@ class QuantGINConv(_QuantLayer):
       messages, graph.receivers, num_segments=n_nodes
     )
     h = _aggregate_and_prompt(
-      self, aggregate, bits=bits, train=train, rows=rows
+      self,
+      aggregate,
+      bits=bits,
+      train=train,
+      rows=rows,
+      additions=messages.size,
     )
     real_rows = RowMasks(observe=node_mask)
     for i in range(2):
@@ -461,7 +495,12 @@ class QuantGATConv(_QuantLayer):
     aggregate = jax.ops.segment_sum(messages, receivers, num_segments=n_nodes)
     aggregate = aggregate.reshape(n_nodes, h * f)
     s_star = _aggregate_and_prompt(
-      self, aggregate, bits=bits, train=train, rows=rows
+      self,
+      aggregate,
+      bits=bits,
+      train=train,
+      rows=rows,
+      additions=messages.size,
     )
     if self.concat:
       out, width = s_star, h * f

@@ -199,9 +199,17 @@ class GNN(nn.Module):
     )
 
   def _layer_quant(self, i: int) -> qp.QuantConfig:
-    """Layer i's quantization: A2Q leaves the first input unquantized."""
+    """Layer i's quantization, as each framework's reference places points.
+
+    A2Q leaves the first layer's input (0/1 bag-of-words) unquantized; MixQ
+    quantizes the input of the first layer only (later inputs are the
+    previous aggregate, already on a grid).
+    """
     a2q_config = self.quant.a2q
-    if i > 0 or a2q_config is None or a2q_config.quantize_first_input:
+    skip_input = (
+      i == 0 and a2q_config is not None and not a2q_config.quantize_first_input
+    ) or (i > 0 and self.quant.mixq is not None)
+    if not skip_input:
       return self.quant
     points = tuple(p for p in self.quant.points if p != "input")
     return dataclasses.replace(self.quant, points=points)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from lorap_jax._src import quantization as q
 from lorap_jax._src.a2q import A2QConfig
 from lorap_jax._src.degree_quant import DegreeProtection
+from lorap_jax._src.mixq import MixQConfig
 
 QUANT_STATS = "quant_stats"
 
@@ -43,6 +44,7 @@ class QuantConfig:
     protection: Degree-Quant's protective masking in training (None: off).
     a2q: A2Q's learned-step, learned-bit quantizer replaces the affine one
       at every active point (None: affine).
+    mixq: MixQ's mixture over candidate widths replaces it (None: affine).
   """
 
   enabled: bool = True
@@ -53,6 +55,7 @@ class QuantConfig:
   weight_calibration: str = "current"
   protection: DegreeProtection | None = None
   a2q: A2QConfig | None = None
+  mixq: MixQConfig | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.points) - set(POINT_NAMES))

@@ -17,13 +17,18 @@ import numpy as np
 import optax
 import tqdm
 
-from lorap_jax._src import a2q, degree_quant, layers, models, prompts
+from lorap_jax._src import a2q, degree_quant, layers, mixq, models, prompts
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import quant_points as qp
 from lorap_jax._src import quantization as q
 
-MUTABLE = (qp.QUANT_STATS, "batch_stats", a2q.FEATURE_MEMORY)
+MUTABLE = (
+  qp.QUANT_STATS,
+  "batch_stats",
+  a2q.FEATURE_MEMORY,
+  mixq.EXPECTED_MEMORY,
+)
 
 
 class Batch(NamedTuple):
@@ -90,6 +95,8 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     return _degree_quant_config(config, points)
   if framework == "a2q":
     return _a2q_config(config)
+  if framework == "mixq":
+    return _mixq_config(config)
   return qp.QuantConfig(
     points=points,
     calibration=q.CalibrationConfig(
@@ -117,6 +124,31 @@ def _a2q_config(config) -> qp.QuantConfig:
       memory_weight=settings.memory_weight,
       memory_target_kb=settings.memory_target_kb or None,
       target_average_bits=settings.target_average_bits,
+    ),
+  )
+
+
+def _mixq_config(config) -> qp.QuantConfig:
+  settings = config.mixq
+  try:
+    candidates = tuple(int(b) for b in settings.candidates.split(","))
+    selected = None
+    if settings.selected:
+      pairs = (item.rsplit("=", 1) for item in settings.selected.split(","))
+      selected = tuple((name, int(bits)) for name, bits in pairs)
+  except ValueError as error:
+    raise ValueError(
+      f"mixq.candidates={settings.candidates!r} and mixq.selected="
+      f"{settings.selected!r} must be 'b1,b2,...' and 'component=bits,...'"
+    ) from error
+  return qp.QuantConfig(
+    points=tuple(p.strip() for p in settings.points.split(",") if p),
+    gradient="clipped",
+    mixq=mixq.MixQConfig(
+      candidates=candidates,
+      memory_weight=settings.memory_weight,
+      granularity=settings.granularity,
+      selected=selected,
     ),
   )
 
@@ -287,10 +319,35 @@ def create_train_state(
   graph: jraph.GraphsTuple,
   rng: jax.Array,
   bits,
+  *,
+  start_from: Mapping[str, Any] | None = None,
 ) -> TrainState:
-  """Initialises parameters, quantizer ranges and the optimizer state."""
+  """Initialises parameters, quantizer ranges and the optimizer state.
+
+  Args:
+    model: the model.
+    tx: the optimizer.
+    graph: an example input (a node task's graph, or a training batch);
+      data-dependent initialisers (MixQ's calibration) see it.
+    rng: the initialisation key.
+    bits: the bit width (array).
+    start_from: variables ({"params": ..., "batch_stats": ...}) of a
+      trained model to start from, e.g. MixQ's FP32 stage. Parameters it
+      lacks (the quantizers') are created on `graph` as computed with its
+      weights, i.e. calibrated on the trained model.
+  """
   bits = jnp.asarray(bits, jnp.float32)
   variables = model.init(rng, graph, bits=bits, train=False)
+  if start_from is not None:
+    _, created = model.apply(
+      {**variables, **start_from},
+      graph,
+      bits=bits,
+      train=False,
+      mutable=["params"],
+      rngs={"params": rng},
+    )
+    variables = {**variables, **start_from, "params": created["params"]}
   params = variables["params"]
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -321,7 +378,11 @@ def quantization_penalty(quant: qp.QuantConfig, updates) -> jax.Array:
   """The framework's regulariser from what the forward pass sowed.
 
   A2Q: lambda * ReLU(M_feat - M_target)^2 on the feature memory (KB).
+  MixQ: lambda * the expected memory (KB) of every component.
   """
+  if quant.mixq is not None and updates.get(mixq.EXPECTED_MEMORY):
+    expected = sum(jax.tree.leaves(updates[mixq.EXPECTED_MEMORY]))
+    return mixq.memory_penalty(expected, quant.mixq)
   sown = updates.get(a2q.FEATURE_MEMORY)
   if quant.a2q is None or not sown:
     return jnp.zeros(())
@@ -418,6 +479,8 @@ def node_inputs(dataset, config) -> tuple[jraph.GraphsTuple, EvalBatch]:
     and density < 0.1
     and config.prompt.kind in ("none", "lorap")
     and config.model.architecture != "gin"
+    # MixQ calibrates the input per feature column, which needs them all.
+    and config.quant.framework != "mixq"
   )
   nodes = layers.SparseFeatures.from_dense(features) if sparse else features
   graph = jax.device_put(graph._replace(nodes=nodes))
@@ -457,6 +520,8 @@ class RunRecord(NamedTuple):
   test_acc: float
   epoch_times_ms: list[float]
   state: TrainState
+  # Framework figures of this run (e.g. MixQ's selected widths).
+  extras: Mapping[str, Any] = {}
 
 
 class _Selector:
@@ -488,13 +553,15 @@ def _timed(fn):
 
 
 def _train_node_run(
-  model, config, graph, eval_batch, seed, log, progress
+  model, config, graph, eval_batch, seed, log, progress, start_from=None
 ) -> RunRecord:
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
   tx = _optimizer(config, steps_per_epoch=1)
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
-  state = create_train_state(model, tx, graph, init_key, config.quant.bits)
+  state = create_train_state(
+    model, tx, graph, init_key, config.quant.bits, start_from=start_from
+  )
   selector = _Selector(config.train.selection)
   times = []
   for epoch in range(config.train.epochs):
@@ -588,6 +655,115 @@ def _train_graph_run(
   )
 
 
+def _overridden(config, **overrides) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields replaced ("train.epochs"=...)."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  for path, value in overrides.items():
+    *sections, leaf = path.split("__")
+    node = copy
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return copy
+
+
+def _mixq_selection(config, state) -> tuple[dict[str, int], str]:
+  """The searched widths and the config string that fixes them."""
+  chosen = mixq.selected_widths(state.params, quant_config(config).mixq)
+  return chosen, ",".join(f"{name}={bits}" for name, bits in chosen.items())
+
+
+def _train_mixq_node_run(
+  config, num_classes, graph, eval_batch, seed, log, progress
+) -> RunRecord:
+  """MixQ's node-task schedule (`frameworks.md` 4.2), for one seed.
+
+  (a) the relaxed search; (b) the model in FP32; (c) from (b)'s best
+  weights, quantizers calibrated on them, the fixed widths fine-tuned at
+  `mixq.finetune_lr` without weight decay. The run's accuracy is (c)'s at
+  its validation-selected epoch.
+  """
+
+  def run(stage_config, stage, start_from=None):
+    model = create_model(stage_config, num_classes=num_classes, task="node")
+    stage_log = functools.partial(log, stage=stage)
+    return _train_node_run(
+      model,
+      stage_config,
+      graph,
+      eval_batch,
+      seed,
+      stage_log,
+      progress,
+      start_from,
+    )
+
+  settings = config.mixq
+  search = run(
+    _overridden(config, train__epochs=settings.search_epochs), "search"
+  )
+  chosen, selected = _mixq_selection(config, search.state)
+  fp32 = run(
+    _overridden(
+      config, quant__framework="fp32", train__epochs=settings.fp32_epochs
+    ),
+    "fp32",
+  )
+  fixed_config = _overridden(
+    config,
+    mixq__selected=selected,
+    train__epochs=settings.finetune_epochs,
+    train__learning_rate=settings.finetune_lr,
+    train__weight_decay=0.0,
+  )
+  start = {"params": fp32.state.params, "batch_stats": fp32.state.batch_stats}
+  fixed = run(fixed_config, "fixed", start)
+  return fixed._replace(extras={"mixq_selected_bits": chosen})
+
+
+def _train_mixq_graph_run(
+  model, config, dataset, fold, fold_index, budgets, seed, log, progress
+) -> RunRecord:
+  """MixQ's graph-task schedule: the search, then QAT of the fixed widths
+  from scratch, each for `train.epochs` (`_train_graph_run`'s signature;
+  each stage builds its own model)."""
+  del model
+
+  def run(stage_config, stage):
+    model = create_model(
+      stage_config, num_classes=dataset.num_classes, task="graph"
+    )
+    stage_log = functools.partial(log, stage=stage)
+    return _train_graph_run(
+      model,
+      stage_config,
+      dataset,
+      fold,
+      fold_index,
+      budgets,
+      seed,
+      stage_log,
+      progress,
+    )
+
+  search = run(config, "search")
+  chosen, selected = _mixq_selection(config, search.state)
+  fixed = run(_overridden(config, mixq__selected=selected), "fixed")
+  return fixed._replace(extras={"mixq_selected_bits": chosen})
+
+
+def epochs_per_run(config) -> int:
+  """Epochs one run trains, over all of its framework's stages."""
+  if config.quant.framework != "mixq":
+    return config.train.epochs
+  if data_lib.is_node_dataset(config.dataset):
+    settings = config.mixq
+    return (
+      settings.search_epochs + settings.fp32_epochs + settings.finetune_epochs
+    )
+  return 2 * config.train.epochs
+
+
 class _MetricsLog:
   """Appends one JSON line per epoch to `metrics.jsonl` in the workdir."""
 
@@ -670,25 +846,33 @@ def train_and_evaluate(
   log = _MetricsLog(workdir / "metrics.jsonl")
   records: list[RunRecord] = []
   seeds = range(config.seeds)
+  staged = config.quant.framework == "mixq"
   try:
     if node_task:
       graph, eval_batch = node_inputs(dataset, config)
-      total = config.seeds * config.train.epochs
+      total = config.seeds * epochs_per_run(config)
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
         for seed in seeds:
           bar.set_description(f"seed {seed}")
-          records.append(
-            _train_node_run(model, config, graph, eval_batch, seed, log, bar)
-          )
+          if staged:
+            record = _train_mixq_node_run(
+              config, dataset.num_classes, graph, eval_batch, seed, log, bar
+            )
+          else:
+            record = _train_node_run(
+              model, config, graph, eval_batch, seed, log, bar
+            )
+          records.append(record)
     else:
       folds = dataset.folds[: config.folds]
       budgets = data_lib.make_budgets(dataset.graphs, config.train.batch_size)
-      total = len(folds) * config.seeds * config.train.epochs
+      total = len(folds) * config.seeds * epochs_per_run(config)
+      run_graph = _train_mixq_graph_run if staged else _train_graph_run
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
         for fold_index, fold in enumerate(folds):
           for seed in seeds:
             bar.set_description(f"fold {fold_index} seed {seed}")
-            record = _train_graph_run(
+            record = run_graph(
               model, config, dataset, fold, fold_index, budgets, seed, log, bar
             )
             records.append(record)
@@ -706,16 +890,20 @@ def _dataset_options(config) -> dict:
   return {"node_features": config.node_features}
 
 
-def framework_figures(config, dataset, states) -> dict:
+def framework_figures(config, dataset, records) -> dict:
   """The QAT framework's own figures for the summary, next to accuracies.
 
   Degree-Quant: the expected fraction of (real) nodes protected per forward
   pass in training, the mean over nodes of p_v. A2Q: the average learned
-  feature bit width of the selected models (mean over runs).
+  feature bit width of the selected models (mean over runs). MixQ: each
+  run's selected widths, their mean, and (node tasks) the estimated bit
+  operations of one forward pass of the fixed model.
   """
   quant = quant_config(config)
+  if quant.mixq is not None:
+    return _mixq_figures(config, dataset, records)
   if quant.a2q is not None:
-    bits = [a2q.average_feature_bits(s.params) for s in states]
+    bits = [a2q.average_feature_bits(r.state.params) for r in records]
     return {"a2q_average_feature_bits": float(np.mean(bits))}
   if quant.protection is None:
     return {}
@@ -725,6 +913,35 @@ def framework_figures(config, dataset, states) -> dict:
     graph = jraph.batch_np(list(dataset.graphs))
   probability = degree_quant.protection_probability(graph, quant.protection)
   return {"dq_protected_fraction": float(jnp.mean(probability))}
+
+
+def _mixq_figures(config, dataset, records) -> dict:
+  selections = [r.extras["mixq_selected_bits"] for r in records]
+  figures = {
+    "mixq_selected_bits": selections,
+    "mixq_average_bits": float(
+      np.mean([np.mean(list(chosen.values())) for chosen in selections])
+    ),
+  }
+  if isinstance(dataset, data_lib.NodeDataset):
+    graph, _ = node_inputs(dataset, config)
+    counts = []
+    for record, chosen in zip(records, selections, strict=True):
+      state = record.state
+      _, sown = state.apply_fn(
+        state.variables(),
+        graph,
+        bits=state.bits,
+        train=False,
+        mutable=[mixq.OPERATIONS],
+      )
+      counts.append(mixq.bit_operations(sown[mixq.OPERATIONS], chosen))
+    figures["mixq_bit_operations"] = float(np.mean(counts))
+    # The same forward pass at 32 bits everywhere, for the reduction factor.
+    figures["mixq_bit_operations_fp32"] = mixq.bit_operations(
+      sown[mixq.OPERATIONS], {}
+    )
+  return figures
 
 
 def _summary(config, dataset, records, node_task) -> dict:
@@ -759,7 +976,7 @@ def _summary(config, dataset, records, node_task) -> dict:
     "epoch_time_ms_median": float(np.median(steady)) if steady else None,
     "num_params": models.count_parameters(params),
     "num_prompt_params": int(prompt_params),
-    **framework_figures(config, dataset, [r.state for r in records]),
+    **framework_figures(config, dataset, records),
     "protocol": (
       f"{len(records)} runs ({runs}); test accuracy at the epoch selected by "
       f"{config.train.selection}; mean and sample std (ddof=1) over runs; "
