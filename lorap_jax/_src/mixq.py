@@ -45,7 +45,8 @@ class MixQConfig:
   Attributes:
     candidates: the candidate bit widths B.
     memory_weight: lambda of the expected-memory penalty (negative values
-      favour wider candidates, as in the reference's lambda = -1e-8).
+      favour wider candidates, as in the reference's lambda = -1e-8). The
+      reference's lambda divided by 8192 gives the same trade-off here.
     granularity: one (scale, zero point) per "tensor" or per "column"
       (feature channel; weights: per input feature, as the reference's
       ``max(dim=0)`` on PyTorch's [out, in] layout).
@@ -54,7 +55,7 @@ class MixQConfig:
   """
 
   candidates: tuple[int, ...] = (2, 4, 8)
-  memory_weight: float = 0.1
+  memory_weight: float = 0.1 / 8192
   granularity: str = "column"
   selected: tuple[tuple[str, int], ...] | None = None
 

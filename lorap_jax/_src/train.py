@@ -522,6 +522,8 @@ class RunRecord(NamedTuple):
   state: TrainState
   # Framework figures of this run (e.g. MixQ's selected widths).
   extras: Mapping[str, Any] = {}
+  # The state after the last epoch (MixQ selects widths from it).
+  last_state: TrainState | None = None
 
 
 class _Selector:
@@ -586,6 +588,7 @@ def _train_node_run(
     best["test"]["accuracy"],
     times,
     selector.state,
+    last_state=state,
   )
 
 
@@ -678,10 +681,10 @@ def _train_mixq_node_run(
 ) -> RunRecord:
   """MixQ's node-task schedule (`frameworks.md` 4.2), for one seed.
 
-  (a) the relaxed search; (b) the model in FP32; (c) from (b)'s best
-  weights, quantizers calibrated on them, the fixed widths fine-tuned at
-  `mixq.finetune_lr` without weight decay. The run's accuracy is (c)'s at
-  its validation-selected epoch.
+  (a) the relaxed search, whose last epoch gives the widths; (b) the model
+  in FP32; (c) from (b)'s best weights, quantizers calibrated on them, the
+  fixed widths fine-tuned at `mixq.finetune_lr` without weight decay. The
+  run's accuracy is (c)'s at its validation-selected epoch.
   """
 
   def run(stage_config, stage, start_from=None):
@@ -702,7 +705,8 @@ def _train_mixq_node_run(
   search = run(
     _overridden(config, train__epochs=settings.search_epochs), "search"
   )
-  chosen, selected = _mixq_selection(config, search.state)
+  # The widths of the finished search (its weights are not kept).
+  chosen, selected = _mixq_selection(config, search.last_state)
   fp32 = run(
     _overridden(
       config, quant__framework="fp32", train__epochs=settings.fp32_epochs
@@ -747,6 +751,7 @@ def _train_mixq_graph_run(
     )
 
   search = run(config, "search")
+  # As the reference: the search model of lowest validation loss.
   chosen, selected = _mixq_selection(config, search.state)
   fixed = run(_overridden(config, mixq__selected=selected), "fixed")
   return fixed._replace(extras={"mixq_selected_bits": chosen})
