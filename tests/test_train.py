@@ -119,3 +119,24 @@ def test_cli_missing_data_dir_names_the_file(tmp_path, capsys):
   assert code == 2
   err = capsys.readouterr().err
   assert "ind.cora" in err and str(tmp_path) in err
+
+
+def test_vmapped_seeds_match_sequential_runs(data_dir, tmp_path):
+  summaries = []
+  for vmapped in (False, True):
+    config = _small_config(
+      "cora", epochs=15, quant__framework="fp32", prompt__kind="lorap"
+    )
+    config.seeds, config.vmap_seeds = 3, vmapped
+    config.data_dir = str(data_dir)
+    summaries.append(
+      lorap_jax.train_and_evaluate(config, tmp_path / str(vmapped))
+    )
+  sequential, batched = summaries
+  # Same keys per seed; FP32 leaves only summation-order differences.
+  assert batched["num_runs"] == 3
+  for key in ("val_accs", "test_accs"):
+    assert batched[key] == pytest.approx(sequential[key], abs=0.01)
+  assert "seeds vmapped" in batched["protocol"]
+  lines = (tmp_path / "True" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3 * 15

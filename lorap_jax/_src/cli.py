@@ -32,6 +32,7 @@ _FLAG_TO_CONFIG = {
   "seeds": ("seeds", int),
   "folds": ("folds", int),
   "data_dir": ("data_dir", str),
+  "vmap_seeds": ("vmap_seeds", bool),
 }
 
 
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--dropout", type=float)
   train.add_argument("--seeds", type=int, help="runs (per fold)")
   train.add_argument("--folds", type=int, help="CV folds to run, 1..10")
+  train.add_argument(
+    "--vmap-seeds",
+    action="store_true",
+    default=None,
+    help="node tasks: train all seeds at once, vmapped",
+  )
   train.add_argument(
     "--set",
     action="append",
