@@ -27,11 +27,18 @@ FRAMEWORK_ROWS = (
   ("QAT", "qat", {}),
   ("Degree-Quant, exact percentiles", "dq", {"dq.sample_size": 0}),
   ("Degree-Quant, percentiles of 65536", "dq", {"dq.sample_size": 65536}),
-  ("Degree-Quant, percentiles of 16384", "dq", {"dq.sample_size": 16384}),
+  ("Degree-Quant (default: percentiles of 16384)", "dq", {}),
+  ("A2Q (learned steps and bits)", "a2q", {}),
+  ("QAT, dense input", "qat", {"sparse_input": False}),
+  ("MixQ search over {2, 4, 8} (dense input)", "mixq", {}),
 )
 
 
-def epoch_times(config, dataset, epochs: int) -> np.ndarray:
+def epoch_times(
+  config, dataset, epochs: int, *, evaluate: bool = True
+) -> np.ndarray:
+  """Milliseconds per epoch (train step, then evaluation unless not
+  `evaluate`), results ready, after two compiling epochs."""
   model = lorap_jax.create_model(
     config, num_classes=dataset.num_classes, task="node"
   )
@@ -42,28 +49,10 @@ def epoch_times(config, dataset, epochs: int) -> np.ndarray:
   )
   times = []
   for epoch in range(epochs + 2):
-    rng = jax.random.key(epoch)
     start = time.perf_counter()
-    state, _ = lorap_jax.train_step(state, batch, rng)
-    jax.block_until_ready(lorap_jax.eval_step(state, eval_batch))
-    times.append((time.perf_counter() - start) * 1e3)
-  return np.asarray(times[2:])
-
-
-def step_times(config, dataset, steps: int) -> np.ndarray:
-  """Milliseconds per train step alone (no evaluation), after compiling."""
-  model = lorap_jax.create_model(
-    config, num_classes=dataset.num_classes, task="node"
-  )
-  graph, eval_batch = train_lib.node_inputs(dataset, config)
-  batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
-  state = lorap_jax.create_train_state(
-    model, lorap_jax.create_optimizer(config), graph, jax.random.key(0), 4
-  )
-  times = []
-  for step in range(steps + 2):
-    start = time.perf_counter()
-    state, metrics = lorap_jax.train_step(state, batch, jax.random.key(step))
+    state, metrics = lorap_jax.train_step(state, batch, jax.random.key(epoch))
+    if evaluate:
+      metrics = lorap_jax.eval_step(state, eval_batch)
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - start) * 1e3)
   return np.asarray(times[2:])
@@ -79,7 +68,9 @@ def framework_table(dataset, steps: int) -> None:
     config.quant.framework = framework
     config.prompt.kind = "none"
     config.update_from_flattened_dict(overrides)
-    median = float(np.median(step_times(config, dataset, steps)))
+    median = float(
+      np.median(epoch_times(config, dataset, steps, evaluate=False))
+    )
     baseline = baseline or median
     print(f"| {label} | {median:.2f} | {median / baseline:.2f} |", flush=True)
 

@@ -260,20 +260,26 @@ def test_cora_a2q_trains_and_reports_average_bits(data_dir, tmp_path):
   assert 1.0 <= summary["a2q_average_feature_bits"] <= 8.0
 
 
+def _path_graph(n_nodes: int, features: int) -> jraph.GraphsTuple:
+  """0 -> 1 -> ... -> n-1 with random features."""
+  rng = np.random.default_rng(n_nodes)
+  return jraph.GraphsTuple(
+    nodes=jnp.asarray(rng.normal(size=(n_nodes, features)), jnp.float32),
+    edges=None,
+    senders=jnp.arange(n_nodes - 1),
+    receivers=jnp.arange(1, n_nodes),
+    globals=None,
+    n_node=jnp.array([n_nodes]),
+    n_edge=jnp.array([n_nodes - 1]),
+  )
+
+
 def test_a2q_refuses_message_points():
   config = lorap_jax.get_config("cora")
   config.quant.framework = "a2q"
   config.a2q.points = "input,message"
   model = lorap_jax.create_model(config, num_classes=2, task="node")
-  graph = jraph.GraphsTuple(
-    nodes=jnp.ones((3, 2)),
-    edges=None,
-    senders=jnp.array([0, 1]),
-    receivers=jnp.array([1, 2]),
-    globals=None,
-    n_node=jnp.array([3]),
-    n_edge=jnp.array([2]),
-  )
+  graph = _path_graph(3, 2)
   with pytest.raises(ValueError, match="A2Q quantizes the points"):
     model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))
 
@@ -283,17 +289,7 @@ def test_lorap_requantization_reuses_the_aggregate_quantizer():
   config.quant.framework = "a2q"
   config.a2q.points = "aggregate,weight"
   model = lorap_jax.create_model(config, num_classes=3, task="node")
-  graph = jraph.GraphsTuple(
-    nodes=jnp.asarray(
-      np.random.default_rng(4).normal(size=(5, 4)), jnp.float32
-    ),
-    edges=None,
-    senders=jnp.array([0, 1, 2, 3]),
-    receivers=jnp.array([1, 2, 3, 4]),
-    globals=None,
-    n_node=jnp.array([5]),
-    n_edge=jnp.array([4]),
-  )
+  graph = _path_graph(5, 4)
   bits = jnp.asarray(4.0)
   variables = model.init(jax.random.key(0), graph, bits=bits)
   assert variables["params"]["conv_0"]["a2q_aggregate_bits"].shape == (5, 1)
