@@ -41,7 +41,9 @@ def run(dataset, framework, prompt, out, quick, graph_epochs, reuse=False):
     config.train.epochs = graph_epochs
   if quick:
     config.seeds, config.folds, config.train.epochs = 2, 2, 5
-  return lorap_jax.train_and_evaluate(config, workdir)
+  # A run that died part-way continues from its checkpoints.
+  resume = any((workdir / "checkpoints").glob("*"))
+  return lorap_jax.train_and_evaluate(config, workdir, resume=resume)
 
 
 def cell(summary):

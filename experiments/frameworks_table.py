@@ -44,7 +44,9 @@ def run(config, out, name, reuse):
   workdir = out / name
   if reuse and (workdir / "summary.json").exists():
     return json.loads((workdir / "summary.json").read_text())
-  summary = lorap_jax.train_and_evaluate(config, workdir)
+  # A run that died part-way continues from its checkpoints.
+  resume = any((workdir / "checkpoints").glob("*"))
+  summary = lorap_jax.train_and_evaluate(config, workdir, resume=resume)
   summary.pop("states", None)
   return summary
 

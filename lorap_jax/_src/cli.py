@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument(
     "--no-progress", action="store_true", help="hide the progress bar"
   )
+  train.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue the run saved in --workdir from its checkpoints",
+  )
   return parser
 
 
@@ -183,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config = build_config(args)
     summary = train_lib.train_and_evaluate(
-      config, args.workdir, progress=not args.no_progress
+      config, args.workdir, progress=not args.no_progress, resume=args.resume
     )
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, FileNotFoundError, FloatingPointError) as error:
     print(f"lorap: error: {error}", file=sys.stderr)
     return 2
   print(format_summary(summary))

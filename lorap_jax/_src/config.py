@@ -134,6 +134,12 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.prompt.freeze_backbone = False
   config.prompt.implementation = config_dict.placeholder(str)
 
+  # --- Checkpoints (orbax, under <workdir>/checkpoints) --------------------
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.enabled = True
+  config.checkpoint.every = 10  # Epochs between periodic checkpoints.
+  config.checkpoint.keep = 3  # Periodic checkpoints kept per run.
+
   # --- Optimisation -------------------------------------------------------
   config.train = ml_collections.ConfigDict()
   config.train.epochs = 200

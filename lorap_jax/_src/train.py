@@ -17,7 +17,15 @@ import numpy as np
 import optax
 import tqdm
 
-from lorap_jax._src import a2q, degree_quant, layers, mixq, models, prompts
+from lorap_jax._src import (
+  a2q,
+  checkpoints,
+  degree_quant,
+  layers,
+  mixq,
+  models,
+  prompts,
+)
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import quant_points as qp
@@ -337,7 +345,9 @@ def create_train_state(
       weights, i.e. calibrated on the trained model.
   """
   bits = jnp.asarray(bits, jnp.float32)
-  variables = model.init(rng, graph, bits=bits, train=False)
+  # One compiled program rather than hundreds of eager ops (each compiled).
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(rng, graph, bits=bits)
   if start_from is not None:
     _, created = model.apply(
       {**variables, **start_from},
@@ -554,8 +564,116 @@ def _timed(fn):
   return result, (time.perf_counter() - start) * 1e3
 
 
+class _RunLoop:
+  """One run's epoch bookkeeping: selection, times, checkpoints, resume.
+
+  With a checkpointer it resumes from the newest readable checkpoint (the
+  state, the selection so far, the epoch times and the shuffling
+  generator), saves the best state when the selection moves and the latest
+  every `checkpoint.every` epochs, and refuses a non-finite loss.
+  """
+
+  def __init__(self, config, state, checkpointer=None, rng=None, name=""):
+    self.selector = _Selector(config.train.selection)
+    self.times: list[float] = []
+    self.state = state
+    self.start_epoch = 0
+    self.last_epoch = config.train.epochs - 1
+    self.checkpointer = checkpointer
+    self.rng = rng
+    self.name = name
+    if checkpointer is not None:
+      self._resume()
+
+  def _resume(self):
+    restored = self.checkpointer.restore_latest(self.state)
+    if restored is None:
+      return
+    epoch, self.state, progress = restored
+    self.start_epoch = epoch + 1
+    self.times = list(progress["times"])
+    score, best_epoch, metrics = progress["best"]
+    self.selector.best = (score, best_epoch, metrics)
+    self.selector.state = self.checkpointer.restore_best(self.state)
+    if self.rng is not None:
+      self.rng.bit_generator.state = progress["rng"]
+
+  def end_epoch(self, epoch, state, train_loss, metrics, elapsed) -> None:
+    """Records an epoch; raises FloatingPointError on a non-finite loss."""
+    if not np.isfinite(float(train_loss)):
+      saved = self.checkpointer and self.checkpointer.latest_epoch()
+      kept = (
+        f"the last good checkpoint (epoch {saved}) is kept in "
+        f"{self.checkpointer.directory}"
+        if saved is not None and self.checkpointer
+        else "no checkpoint was written"
+      )
+      raise FloatingPointError(
+        f"non-finite training loss {float(train_loss)} in {self.name} at "
+        f"epoch {epoch} (optimizer step {int(state.step)}); training "
+        f"stopped and {kept}. Lower the learning rate or check the data."
+      )
+    self.times.append(elapsed)
+    previous = self.selector.best
+    self.selector.update(epoch, metrics, state)
+    self.state = state
+    if self.checkpointer is None:
+      return
+    if self.selector.best is not previous:
+      self.checkpointer.save_best(epoch, state)
+    if self.checkpointer.due(epoch, self.last_epoch):
+      progress = {"times": self.times, "best": list(self.selector.best)}
+      if self.rng is not None:
+        progress["rng"] = self.rng.bit_generator.state
+      self.checkpointer.save(epoch, state, progress)
+
+  def record(self) -> RunRecord:
+    _, best_epoch, best = self.selector.best
+    record = RunRecord(
+      best_epoch,
+      best["val"]["accuracy"],
+      best["test"]["accuracy"],
+      self.times,
+      self.selector.state,
+      last_state=self.state,
+    )
+    if self.checkpointer is not None:
+      self.checkpointer.finish(
+        {
+          "best_epoch": best_epoch,
+          "val_acc": record.val_acc,
+          "test_acc": record.test_acc,
+          "times": self.times,
+        }
+      )
+      self.checkpointer.close()
+    return record
+
+
+def _finished_run(checkpointer, template) -> RunRecord | None:
+  """The record of a run a checkpointer saw finish, or None."""
+  if checkpointer is None:
+    return None
+  done = checkpointer.finished_record()
+  if done is None:
+    return None
+  best = checkpointer.restore_best(template)
+  checkpointer.close()
+  return RunRecord(
+    done["best_epoch"], done["val_acc"], done["test_acc"], done["times"], best
+  )
+
+
 def _train_node_run(
-  model, config, graph, eval_batch, seed, log, progress, start_from=None
+  model,
+  config,
+  graph,
+  eval_batch,
+  seed,
+  log,
+  progress,
+  start_from=None,
+  checkpointer=None,
 ) -> RunRecord:
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
   tx = _optimizer(config, steps_per_epoch=1)
@@ -564,9 +682,16 @@ def _train_node_run(
   state = create_train_state(
     model, tx, graph, init_key, config.quant.bits, start_from=start_from
   )
-  selector = _Selector(config.train.selection)
-  times = []
-  for epoch in range(config.train.epochs):
+  finished = _finished_run(checkpointer, state)
+  if finished is not None:
+    progress.update(config.train.epochs)
+    return finished
+  loop = _RunLoop(config, state, checkpointer, name=f"seed {seed}")
+  if checkpointer is not None:
+    log.drop(loop.start_epoch, seed=seed)
+  progress.update(loop.start_epoch)
+  state = loop.state
+  for epoch in range(loop.start_epoch, config.train.epochs):
     rng = jax.random.fold_in(dropout_key, epoch)
 
     def epoch_fn(state=state, rng=rng):
@@ -575,21 +700,12 @@ def _train_node_run(
 
     (state, train_metrics, sums), elapsed = _timed(epoch_fn)
     metrics = summarize_eval([sums])
-    times.append(elapsed)
-    selector.update(epoch, metrics, state)
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed
     )
+    loop.end_epoch(epoch, state, train_metrics["loss"], metrics, elapsed)
     progress.update(1)
-  _, best_epoch, best = selector.best
-  return RunRecord(
-    best_epoch,
-    best["val"]["accuracy"],
-    best["test"]["accuracy"],
-    times,
-    selector.state,
-    last_state=state,
-  )
+  return loop.record()
 
 
 # All seeds of a node task in one program: states stacked on a leading axis.
@@ -652,7 +768,16 @@ def _train_node_runs_vmapped(
 
 
 def _train_graph_run(
-  model, config, dataset, fold, fold_index, budgets, seed, log, progress
+  model,
+  config,
+  dataset,
+  fold,
+  fold_index,
+  budgets,
+  seed,
+  log,
+  progress,
+  checkpointer=None,
 ) -> RunRecord:
   rng = np.random.default_rng(seed)
   steps_per_epoch = -(-len(fold.train) // config.train.batch_size)
@@ -665,6 +790,10 @@ def _train_graph_run(
   state = create_train_state(
     model, tx, example.graph, init_key, config.quant.bits
   )
+  finished = _finished_run(checkpointer, state)
+  if finished is not None:
+    progress.update(config.train.epochs)
+    return finished
   eval_sets = {
     name: [
       EvalBatch(b.graph, b.labels, {name: b.mask})
@@ -674,9 +803,14 @@ def _train_graph_run(
     ]
     for name, indices in (("val", fold.val), ("test", fold.test))
   }
-  selector = _Selector(config.train.selection)
-  times = []
-  for epoch in range(config.train.epochs):
+  loop = _RunLoop(
+    config, state, checkpointer, rng, name=f"fold {fold_index} seed {seed}"
+  )
+  if checkpointer is not None:
+    log.drop(loop.start_epoch, seed=seed, fold=fold_index)
+  progress.update(loop.start_epoch)
+  state = loop.state
+  for epoch in range(loop.start_epoch, config.train.epochs):
     batches = list(
       _graph_batches(
         dataset, fold.train, config, budgets, shuffle=True, rng=rng
@@ -696,8 +830,6 @@ def _train_graph_run(
 
     (state, train_loss, sums), elapsed = _timed(epoch_fn)
     metrics = summarize_eval(sums)
-    times.append(elapsed)
-    selector.update(epoch, metrics, state)
     log(
       seed=seed,
       fold=fold_index,
@@ -706,15 +838,9 @@ def _train_graph_run(
       metrics=metrics,
       ms=elapsed,
     )
+    loop.end_epoch(epoch, state, train_loss, metrics, elapsed)
     progress.update(1)
-  _, best_epoch, best = selector.best
-  return RunRecord(
-    best_epoch,
-    best["val"]["accuracy"],
-    best["test"]["accuracy"],
-    times,
-    selector.state,
-  )
+  return loop.record()
 
 
 def _overridden(config, **overrides) -> ml_collections.ConfigDict:
@@ -831,8 +957,20 @@ def epochs_per_run(config) -> int:
 class _MetricsLog:
   """Appends one JSON line per epoch to `metrics.jsonl` in the workdir."""
 
-  def __init__(self, path: pathlib.Path):
-    self.file = open(path, "w")  # noqa: SIM115 - closed in close().
+  def __init__(self, path: pathlib.Path, *, append: bool = False):
+    self.path = path
+    self.file = open(path, "a" if append else "w")  # noqa: SIM115
+
+  def drop(self, from_epoch: int, **ids) -> None:
+    """Forgets a resumed run's lines from `from_epoch` on (rewritten)."""
+    self.file.close()
+    kept = [
+      line
+      for line in self.path.read_text().splitlines()
+      if not _same_run_from(json.loads(line), from_epoch, ids)
+    ]
+    self.path.write_text("".join(line + "\n" for line in kept))
+    self.file = open(self.path, "a")  # noqa: SIM115
 
   def __call__(self, *, train, metrics, ms, **ids):
     row = dict(ids)
@@ -844,9 +982,16 @@ class _MetricsLog:
       row[f"{split}_acc"] = values["accuracy"]
     row["epoch_ms"] = round(ms, 3)
     self.file.write(json.dumps(row) + "\n")
+    # Flushed per line: a killed run keeps every epoch it logged.
+    self.file.flush()
 
   def close(self):
     self.file.close()
+
+
+def _same_run_from(row: dict, from_epoch: int, ids: dict) -> bool:
+  same_run = all(row.get(key) == value for key, value in ids.items())
+  return same_run and row["epoch"] >= from_epoch
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -874,6 +1019,7 @@ def train_and_evaluate(
   workdir: str | os.PathLike,
   *,
   progress: bool = False,
+  resume: bool = False,
 ) -> dict:
   """Trains and evaluates the config's model on its dataset.
 
@@ -883,12 +1029,21 @@ def train_and_evaluate(
   (`config.train.selection`).
 
   Writes to `workdir`: `config.json`, `metrics.jsonl` (one line per epoch
-  and run) and `summary.json`.
+  and run), `summary.json`, and orbax checkpoints under `checkpoints/`
+  (`config.checkpoint`; not for vmapped seeds or MixQ's stages).
 
   Args:
     config: see `lorap_jax.get_config`.
     workdir: output directory (created).
     progress: show a progress bar on stderr.
+    resume: continue the run saved in `workdir`: finished runs are read
+      back, the others restart from their newest readable checkpoint.
+
+  Raises:
+    ValueError: on bad settings, a workdir holding another run's
+      checkpoints (without `resume`), or a resume whose config differs
+      from the saved one.
+    FloatingPointError: when the training loss stops being finite.
 
   Returns:
     The summary dict (also in `summary.json`); its "states" entry is not
@@ -896,8 +1051,9 @@ def train_and_evaluate(
   """
   _validate(config)
   workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  staged = config.quant.framework == "mixq"
+  checkpointed = config.checkpoint.enabled and not (staged or config.vmap_seeds)
+  _prepare_workdir(config, workdir, resume=resume, checkpointed=checkpointed)
   dataset = data_lib.load_dataset(
     config.dataset, config.data_dir or None, **_dataset_options(config)
   )
@@ -907,10 +1063,19 @@ def train_and_evaluate(
     num_classes=dataset.num_classes,
     task="node" if node_task else "graph",
   )
-  log = _MetricsLog(workdir / "metrics.jsonl")
+  log = _MetricsLog(workdir / "metrics.jsonl", append=resume)
   records: list[RunRecord] = []
   seeds = range(config.seeds)
-  staged = config.quant.framework == "mixq"
+
+  def checkpointer(name):
+    if not checkpointed:
+      return None
+    return checkpoints.RunCheckpointer(
+      workdir / "checkpoints" / name,
+      every=config.checkpoint.every,
+      keep=config.checkpoint.keep,
+    )
+
   try:
     if node_task:
       graph, eval_batch = node_inputs(dataset, config)
@@ -930,7 +1095,14 @@ def train_and_evaluate(
               )
             else:
               record = _train_node_run(
-                model, config, graph, eval_batch, seed, log, bar
+                model,
+                config,
+                graph,
+                eval_batch,
+                seed,
+                log,
+                bar,
+                checkpointer=checkpointer(f"seed_{seed}"),
               )
             records.append(record)
     else:
@@ -942,8 +1114,18 @@ def train_and_evaluate(
         for fold_index, fold in enumerate(folds):
           for seed in seeds:
             bar.set_description(f"fold {fold_index} seed {seed}")
+            run_checkpoints = checkpointer(f"fold_{fold_index}_seed_{seed}")
             record = run_graph(
-              model, config, dataset, fold, fold_index, budgets, seed, log, bar
+              model,
+              config,
+              dataset,
+              fold,
+              fold_index,
+              budgets,
+              seed,
+              log,
+              bar,
+              **({} if staged else {"checkpointer": run_checkpoints}),
             )
             records.append(record)
   finally:
@@ -952,6 +1134,57 @@ def train_and_evaluate(
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   summary["states"] = [r.state for r in records]
   return summary
+
+
+def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
+  """Creates the workdir and guards what an earlier run saved there."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write-test"
+    probe.write_text("")
+    probe.unlink()
+  except OSError as error:
+    raise ValueError(f"workdir {workdir} is not writable: {error}") from error
+  saved_config = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if resume:
+    if not checkpointed:
+      raise ValueError(
+        "--resume needs checkpoints, which vmapped seeds, MixQ's stages and "
+        "checkpoint.enabled=False do not write"
+      )
+    if not saved_config.exists():
+      raise ValueError(f"nothing to resume in {workdir}: no config.json")
+    differences = _config_differences(
+      json.loads(saved_config.read_text()), current
+    )
+    if differences:
+      raise ValueError(
+        f"refusing to resume {workdir} with a different config: "
+        + "; ".join(differences[:6])
+      )
+    return
+  if any((workdir / "checkpoints").glob("*")):
+    raise ValueError(
+      f"{workdir} holds checkpoints of an earlier run; pass --resume to "
+      "continue it or choose another --workdir (nothing was overwritten)"
+    )
+  saved_config.write_text(config.to_json_best_effort(indent=2))
+
+
+def _config_differences(saved: dict, current: dict, prefix="") -> list[str]:
+  """'key: saved -> now' for every field that differs (data_dir aside)."""
+  differences = []
+  for key in sorted(set(saved) | set(current)):
+    path = f"{prefix}{key}"
+    old, new = saved.get(key), current.get(key)
+    if path == "data_dir" or old == new:
+      continue
+    if isinstance(old, dict) and isinstance(new, dict):
+      differences += _config_differences(old, new, f"{path}.")
+    else:
+      differences.append(f"{path}: saved {old!r}, now {new!r}")
+  return differences
 
 
 def _dataset_options(config) -> dict:

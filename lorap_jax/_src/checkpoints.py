@@ -1,0 +1,119 @@
+"""Orbax checkpoints of a training run: periodic, best, and resumable.
+
+Each run (a seed, or a fold x seed) gets a directory under
+``<workdir>/checkpoints/`` with
+
+* ``latest/<epoch>``: the `TrainState` and the loop's progress (selected
+  epoch and metrics, epoch times, the shuffling generator's state) every
+  few epochs; the last `keep` are kept;
+* ``best/<epoch>``: the state at the validation-selected epoch;
+* ``record.json``: written when the run has finished.
+
+A checkpoint that cannot be read (an interrupted write, a truncated file)
+is skipped with a warning, falling back to the previous one.
+"""
+
+import json
+import pathlib
+import warnings
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+RECORD = "record.json"
+
+
+def _manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=keep,
+    create=True,
+    # Synchronous: a checkpoint exists on disk once `save` returns, so a
+    # killed process never loses one it reported.
+    enable_async_checkpointing=False,
+  )
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class RunCheckpointer:
+  """The checkpoints of one run.
+
+  Attributes:
+    directory: the run's checkpoint directory.
+    every: save the latest state every this many epochs (and at the end).
+  """
+
+  def __init__(self, directory: pathlib.Path, *, every: int, keep: int):
+    if every < 1 or keep < 1:
+      raise ValueError(
+        f"checkpoint.every={every} and checkpoint.keep={keep} must be >= 1"
+      )
+    self.directory = pathlib.Path(directory).absolute()
+    self.every = every
+    self._latest = _manager(self.directory / "latest", keep)
+    self._best = _manager(self.directory / "best", 1)
+
+  def due(self, epoch: int, last_epoch: int) -> bool:
+    return (epoch + 1) % self.every == 0 or epoch == last_epoch
+
+  def save(self, epoch: int, state, progress: dict[str, Any]) -> None:
+    self._latest.save(
+      epoch,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        progress=ocp.args.JsonSave(progress),
+      ),
+    )
+
+  def save_best(self, epoch: int, state) -> None:
+    self._best.save(
+      epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state))
+    )
+
+  def restore_latest(self, template) -> tuple[int, Any, dict] | None:
+    """The newest readable (epoch, state, progress), or None if none."""
+    for epoch in sorted(self._latest.all_steps(), reverse=True):
+      try:
+        restored = self._latest.restore(
+          epoch,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template),
+            progress=ocp.args.JsonRestore(),
+          ),
+        )
+      # Any failure to read means the checkpoint is unusable.
+      except Exception as error:
+        warnings.warn(
+          f"checkpoint {self.directory / 'latest' / str(epoch)} is "
+          f"unreadable ({type(error).__name__}: {error}); falling back to "
+          "the previous one",
+          stacklevel=2,
+        )
+        continue
+      return epoch, restored.state, restored.progress
+    return None
+
+  def restore_best(self, template):
+    epoch = self._best.latest_step()
+    if epoch is None:
+      return None
+    restored = self._best.restore(
+      epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+    )
+    return restored.state
+
+  def latest_epoch(self) -> int | None:
+    return self._latest.latest_step()
+
+  def finish(self, record: dict[str, Any]) -> None:
+    path = self.directory / RECORD
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record))
+    temporary.replace(path)  # Atomic: a record is whole or absent.
+
+  def finished_record(self) -> dict[str, Any] | None:
+    path = self.directory / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()

@@ -1,0 +1,185 @@
+"""Checkpoints: resume after SIGKILL, corrupt fallback, refusals, NaN stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import lorap_jax
+from lorap_jax._src import cli
+
+# Fields that must match bitwise between an interrupted and a clean run.
+RESULT_KEYS = ("test_accs", "val_accs", "best_epochs", "test_acc_mean")
+
+
+def _cora_config(data_dir, epochs=20, every=5):
+  config = lorap_jax.get_config("cora")
+  config.prompt.kind = "lorap"
+  config.seeds, config.train.epochs = 1, epochs
+  config.checkpoint.every = every
+  config.data_dir = str(data_dir)
+  return config
+
+
+def _mutag_config(data_dir):
+  config = lorap_jax.get_config("mutag")
+  config.folds, config.train.epochs = 1, 6
+  config.model.num_layers, config.model.hidden = 2, 16
+  config.prompt.kind = "none"
+  # One batch per epoch (still shuffled): one padding budget, few compiles.
+  config.train.batch_size = 256
+  config.checkpoint.every = 2
+  config.data_dir = str(data_dir)
+  return config
+
+
+def _epoch_rows(workdir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl without the wall-clock column."""
+  rows = []
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    row.pop("epoch_ms")
+    rows.append(row)
+  return rows
+
+
+def _assert_same_results(a: dict, b: dict):
+  for key in RESULT_KEYS:
+    assert a[key] == b[key], key
+
+
+@pytest.fixture(scope="module")
+def clean_mutag(data_dir, tmp_path_factory):
+  """An uninterrupted MUTAG run: (summary, workdir)."""
+  workdir = tmp_path_factory.mktemp("clean-mutag")
+  summary = lorap_jax.train_and_evaluate(_mutag_config(data_dir), workdir)
+  return summary, workdir
+
+
+def test_two_runs_with_one_seed_agree_bitwise(data_dir, tmp_path, clean_mutag):
+  first, first_dir = clean_mutag
+  again = lorap_jax.train_and_evaluate(_mutag_config(data_dir), tmp_path)
+  _assert_same_results(first, again)
+  assert _epoch_rows(first_dir) == _epoch_rows(tmp_path)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+  clean = lorap_jax.train_and_evaluate(
+    _cora_config(data_dir), tmp_path / "clean"
+  )
+  workdir = tmp_path / "killed"
+  script = (
+    "import sys, lorap_jax\n"
+    "config = lorap_jax.get_config('cora')\n"
+    "config.prompt.kind = 'lorap'\n"
+    "config.seeds, config.train.epochs = 1, 20\n"
+    "config.checkpoint.every = 5\n"
+    f"config.data_dir = {str(data_dir)!r}\n"
+    f"lorap_jax.train_and_evaluate(config, {str(workdir)!r})\n"
+  )
+  process = subprocess.Popen([sys.executable, "-c", script])
+  # Kill it after its second checkpoint (epoch 9).
+  latest = workdir / "checkpoints" / "seed_0" / "latest"
+  deadline = time.monotonic() + 300
+  while not (latest.is_dir() and any(latest.glob("9"))):
+    assert process.poll() is None, "the run ended before it could be killed"
+    assert time.monotonic() < deadline, "no checkpoint appeared in time"
+    time.sleep(0.05)
+  os.kill(process.pid, signal.SIGKILL)
+  process.wait()
+  assert not (workdir / "summary.json").exists()
+  resumed = lorap_jax.train_and_evaluate(
+    _cora_config(data_dir), workdir, resume=True
+  )
+  _assert_same_results(resumed, clean)
+  assert _epoch_rows(workdir) == _epoch_rows(tmp_path / "clean")
+
+
+def _forget_the_end(workdir: pathlib.Path, run: str, epochs: list[int]):
+  """Turns a finished run back into one interrupted after its checkpoints
+  `epochs` were removed."""
+  (workdir / "checkpoints" / run / "record.json").unlink()
+  for epoch in epochs:
+    for path in (workdir / "checkpoints" / run / "latest").glob(str(epoch)):
+      for file in sorted(path.rglob("*"), reverse=True):
+        file.unlink() if file.is_file() else file.rmdir()
+      path.rmdir()
+
+
+def test_graph_run_resumes_its_shuffling(data_dir, tmp_path, clean_mutag):
+  clean, clean_dir = clean_mutag
+  workdir = tmp_path / "b"
+  lorap_jax.train_and_evaluate(_mutag_config(data_dir), workdir)
+  _forget_the_end(workdir, "fold_0_seed_0", [5])
+  resumed = lorap_jax.train_and_evaluate(
+    _mutag_config(data_dir), workdir, resume=True
+  )
+  _assert_same_results(resumed, clean)
+  assert _epoch_rows(workdir) == _epoch_rows(clean_dir)
+
+
+def test_a_truncated_newest_checkpoint_falls_back(
+  data_dir, tmp_path, clean_mutag
+):
+  clean, _ = clean_mutag
+  workdir = tmp_path / "b"
+  lorap_jax.train_and_evaluate(_mutag_config(data_dir), workdir)
+  run = workdir / "checkpoints" / "fold_0_seed_0"
+  (run / "record.json").unlink()
+  newest = run / "latest" / "5"
+  for file in newest.rglob("*"):
+    if file.is_file() and file.stat().st_size > 0:
+      file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+  with pytest.warns(UserWarning, match=r"latest/5 is unreadable .* falling"):
+    resumed = lorap_jax.train_and_evaluate(
+      _mutag_config(data_dir), workdir, resume=True
+    )
+  _assert_same_results(resumed, clean)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+  data_dir, tmp_path
+):
+  config = _cora_config(data_dir, epochs=40, every=1)
+  config.seeds = 1
+  config.train.learning_rate = 1e38  # Parameters overflow within steps.
+  with pytest.raises(FloatingPointError) as raised:
+    lorap_jax.train_and_evaluate(config, tmp_path)
+  message = str(raised.value)
+  assert "non-finite training loss" in message
+  assert "seed 0 at epoch" in message and "optimizer step" in message
+  assert "last good checkpoint (epoch" in message
+  assert str(tmp_path / "checkpoints" / "seed_0") in message
+
+
+def test_refusals_name_the_problem(data_dir, tmp_path, clean_mutag, capsys):
+  _, saved = clean_mutag
+  # A second run into the same workdir would overwrite its checkpoints.
+  with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    lorap_jax.train_and_evaluate(_mutag_config(data_dir), saved)
+  changed = _mutag_config(data_dir)
+  changed.train.learning_rate = 0.5
+  with pytest.raises(
+    ValueError, match=r"different config: train.learning_rate: saved 0.01"
+  ):
+    lorap_jax.train_and_evaluate(changed, saved, resume=True)
+  with pytest.raises(ValueError, match="nothing to resume in"):
+    lorap_jax.train_and_evaluate(
+      _mutag_config(data_dir), tmp_path / "empty", resume=True
+    )
+  vmapped = _cora_config(data_dir)
+  vmapped.vmap_seeds = True
+  with pytest.raises(ValueError, match="--resume needs checkpoints"):
+    lorap_jax.train_and_evaluate(vmapped, tmp_path / "v", resume=True)
+  blocker = tmp_path / "a-file"
+  blocker.write_text("")
+  code = cli.main(
+    ["train", "--dataset=cora", f"--workdir={blocker / 'run'}", "--no-progress"]
+  )
+  assert code == 2
+  assert "is not writable" in capsys.readouterr().err
