@@ -77,7 +77,7 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.dq.per_layer_mask = False  # One mask per forward pass by default.
   # Percentiles of at most this many elements per tensor (a fixed random
   # subset, like the reference's --sample_prop); 0: exact over all.
-  config.dq.sample_size = 16384
+  config.dq.sample_size = 8192
 
   # A2Q (framework "a2q"): learned step and bit width per output channel
   # (weights, XW) and per node (features; a nearest-neighbour pool in graph

@@ -11,7 +11,6 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from lorap_jax._src import quantization as q
 from lorap_jax._src.a2q import A2QConfig
@@ -129,11 +128,12 @@ def point_grid(
     current = q.calibrate(stored, x, config.calibration, mask)
     module.put_variable(QUANT_STATS, name, current)
   else:
-    batch_range = q.calibrate(q.init_range_state(), x, config.calibration, mask)
-    current = jax.tree.map(
-      lambda kept, batch: jnp.where(stored.initialized, kept, batch),
-      stored,
-      batch_range,
+    # A cond, not a select: the batch's range (a pass over x) is computed
+    # only for a point that was never calibrated.
+    current = jax.lax.cond(
+      stored.initialized,
+      lambda: stored,
+      lambda: q.calibrate(q.init_range_state(), x, config.calibration, mask),
     )
   return q.affine_qparams(current.lo, current.hi, bits, signed=True)
 

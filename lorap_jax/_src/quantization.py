@@ -323,12 +323,27 @@ def observe_percentile(
   if not 0.0 <= fraction < 0.5:
     raise ValueError(f"percentile fraction={fraction} must be in [0, 0.5)")
   flat = x.reshape(-1)
-  keep = jnp.ones(flat.shape, bool)
-  if mask is not None:
-    keep = jnp.broadcast_to(mask, x.shape).reshape(-1)
   if sample_size is not None and flat.shape[0] > sample_size:
     positions = _sample_positions(flat.shape[0], sample_size)
-    flat, keep = flat[positions], keep[positions]
+    flat = flat[positions]
+    keep = jnp.ones(flat.shape, bool)
+    if mask is not None:
+      # Index the (broadcastable) mask at the sampled elements only, rather
+      # than materialising it at the full size of x.
+      index = np.unravel_index(positions, x.shape)
+      mask = jnp.asarray(mask).reshape(
+        (1,) * (x.ndim - jnp.ndim(mask)) + jnp.shape(mask)
+      )
+      keep = mask[
+        tuple(
+          i if size > 1 else 0
+          for i, size in zip(index, mask.shape, strict=True)
+        )
+      ]
+  else:
+    keep = jnp.ones(flat.shape, bool)
+    if mask is not None:
+      keep = jnp.broadcast_to(mask, x.shape).reshape(-1)
   n = jnp.sum(keep).astype(jnp.float32)
   k_lo = jnp.maximum(1.0, jnp.floor(n * fraction)).astype(jnp.int32)
   k_hi = jnp.maximum(1.0, jnp.floor(n * (1.0 - fraction))).astype(jnp.int32)
