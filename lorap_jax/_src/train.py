@@ -601,11 +601,13 @@ class _RunLoop:
   def end_epoch(self, epoch, state, train_loss, metrics, elapsed) -> None:
     """Records an epoch; raises FloatingPointError on a non-finite loss."""
     if not np.isfinite(float(train_loss)):
-      saved = self.checkpointer and self.checkpointer.latest_epoch()
+      saved = None
+      if self.checkpointer is not None:
+        saved = self.checkpointer.latest_epoch()
       kept = (
         f"the last good checkpoint (epoch {saved}) is kept in "
         f"{self.checkpointer.directory}"
-        if saved is not None and self.checkpointer
+        if saved is not None
         else "no checkpoint was written"
       )
       raise FloatingPointError(
@@ -911,12 +913,22 @@ def _train_mixq_node_run(
 
 
 def _train_mixq_graph_run(
-  model, config, dataset, fold, fold_index, budgets, seed, log, progress
+  model,
+  config,
+  dataset,
+  fold,
+  fold_index,
+  budgets,
+  seed,
+  log,
+  progress,
+  checkpointer=None,
 ) -> RunRecord:
   """MixQ's graph-task schedule: the search, then QAT of the fixed widths
   from scratch, each for `train.epochs` (`_train_graph_run`'s signature;
-  each stage builds its own model)."""
-  del model
+  each stage builds its own model; staged runs are not checkpointed, so
+  `checkpointer` is always None)."""
+  del model, checkpointer
 
   def run(stage_config, stage):
     model = create_model(
@@ -1114,7 +1126,6 @@ def train_and_evaluate(
         for fold_index, fold in enumerate(folds):
           for seed in seeds:
             bar.set_description(f"fold {fold_index} seed {seed}")
-            run_checkpoints = checkpointer(f"fold_{fold_index}_seed_{seed}")
             record = run_graph(
               model,
               config,
@@ -1125,7 +1136,7 @@ def train_and_evaluate(
               seed,
               log,
               bar,
-              **({} if staged else {"checkpointer": run_checkpoints}),
+              checkpointer=checkpointer(f"fold_{fold_index}_seed_{seed}"),
             )
             records.append(record)
   finally:
