@@ -140,3 +140,24 @@ def test_vmapped_seeds_match_sequential_runs(data_dir, tmp_path):
   assert "seeds vmapped" in batched["protocol"]
   lines = (tmp_path / "True" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 3 * 15
+
+
+def test_cli_summary_of_a_two_epoch_run(data_dir, tmp_path, capsys):
+  # Both epochs include compilation: no steady-state time to report.
+  code = cli.main(
+    [
+      "train",
+      "--dataset=cora",
+      "--framework=fp32",
+      "--prompt=none",
+      "--epochs=2",
+      "--seeds=1",
+      f"--data-dir={data_dir}",
+      f"--workdir={tmp_path}",
+      "--no-progress",
+    ]
+  )
+  assert code == 0
+  assert "epoch time     n/a (no epoch after the first two)" in (
+    capsys.readouterr().out
+  )

@@ -165,6 +165,13 @@ def _check_names(config) -> None:
       raise ValueError(f"--{name}={value} must be at least 1")
 
 
+def _epoch_time(milliseconds: float | None) -> str:
+  # None: every epoch of the run included compilation (two or fewer).
+  if milliseconds is None:
+    return "n/a (no epoch after the first two)"
+  return f"{milliseconds:.2f} ms (median)"
+
+
 def format_summary(summary: dict) -> str:
   """A short human-readable report of a run."""
   bits = "FP32" if summary["bits"] is None else f"INT{summary['bits']}"
@@ -175,7 +182,7 @@ def format_summary(summary: dict) -> str:
     f"± {100 * summary['test_acc_std']:.2f} %  ({summary['num_runs']} runs)",
     f"  val accuracy   {100 * summary['val_acc_mean']:.2f} "
     f"± {100 * summary['val_acc_std']:.2f} %",
-    f"  epoch time     {summary['epoch_time_ms_median']:.2f} ms (median)",
+    f"  epoch time     {_epoch_time(summary['epoch_time_ms_median'])}",
     f"  parameters     {summary['num_params']:,} "
     f"({summary['num_prompt_params']:,} in prompts)",
     f"  protocol       {summary['protocol']}",
