@@ -50,10 +50,14 @@ def make_epoch(config, dataset, *, evaluate: bool = True):
   )
   epoch = 0
 
+  dropout_key = jax.random.key(1)
+
   def run_epoch() -> float:
     nonlocal state, epoch
+    # As in the training loop, the epoch's key is made before the clock starts.
+    rng = jax.random.fold_in(dropout_key, epoch)
     start = time.perf_counter()
-    state, metrics = lorap_jax.train_step(state, batch, jax.random.key(epoch))
+    state, metrics = lorap_jax.train_step(state, batch, rng)
     if evaluate:
       metrics = lorap_jax.eval_step(state, eval_batch)
     jax.block_until_ready(metrics)

@@ -124,6 +124,10 @@ def feature_width(x: Features) -> int:
 def matmul(x: Features, w: jax.Array) -> jax.Array:
   """x @ w for dense or sparse x: [n, f] @ [f, d] -> [n, d]."""
   if isinstance(x, SparseFeatures):
+    # The barrier makes XLA materialise the (fake-quantized) [f, d] kernel
+    # once; otherwise it fuses the quantizer into the gather and recomputes
+    # it for each of the nnz gathered rows (nnz*d instead of f*d elements).
+    w = jax.lax.optimization_barrier(w)
     gathered = x.values[:, None] * w[x.cols]
     return jax.ops.segment_sum(
       gathered, x.rows, num_segments=x.shape[0], indices_are_sorted=True
