@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 from lorap_jax._src import config as config_lib
+from lorap_jax._src import data as data_lib
 from lorap_jax._src import models, prompts
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--dataset", required=True, help=", ".join(DATASET_NAMES))
   train.add_argument("--workdir", required=True, help="output directory")
   train.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
+  train.add_argument(
+    "--download",
+    action="store_true",
+    help="first fetch missing Planetoid / TU files from their public source "
+    "into the data dir (checksum-verified)",
+  )
   train.add_argument("--model", help="gcn, gin or gat")
   train.add_argument(
     "--framework", help=f"one of {', '.join(config_lib.FRAMEWORKS)}"
@@ -136,7 +143,12 @@ def _set(config, path: str, value) -> None:
     node = node[name]
   if leaf not in node:
     raise ValueError(f"unknown config field {path!r}")
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as error:  # ml_collections keeps each field's type.
+    raise ValueError(
+      f"config field {path!r} cannot be set to {value!r}: {error}"
+    ) from error
 
 
 def _check_names(config) -> None:
@@ -194,10 +206,20 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     config = build_config(args)
+    if args.download:
+      for path in data_lib.fetch_dataset(
+        config.dataset, config.data_dir or None
+      ):
+        print(f"lorap: downloaded {path}", file=sys.stderr)
     summary = train_lib.train_and_evaluate(
       config, args.workdir, progress=not args.no_progress, resume=args.resume
     )
-  except (ValueError, FileNotFoundError, FloatingPointError) as error:
+  except (
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    data_lib.DownloadError,
+  ) as error:
     print(f"lorap: error: {error}", file=sys.stderr)
     return 2
   print(format_summary(summary))

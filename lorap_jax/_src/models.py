@@ -174,6 +174,18 @@ class GNN(nn.Module):
       widths[-1] = cfg.num_classes
     return widths
 
+  def aggregate_widths(self, num_features: int) -> tuple[int, ...]:
+    """Per layer, the width of the aggregate a LoRAP prompt acts on.
+
+    GCN and GAT aggregate the layer's transformed features (a node task's
+    last layer: ``num_classes`` wide); GIN aggregates the layer's input, so
+    its first aggregate has the dataset's `num_features` columns.
+    """
+    widths = self._layer_widths()
+    if self.model.architecture == "gin":
+      return (num_features, *widths[:-1])
+    return tuple(widths)
+
   def _prompt_inputs(self, graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
     kind = self.prompt.node_prompt
     if kind is None:

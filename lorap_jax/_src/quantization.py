@@ -52,7 +52,13 @@ def check_bits(bits) -> None:
   """
   if isinstance(bits, jax.core.Tracer):
     return
-  values = np.asarray(bits, dtype=np.float64)
+  values = np.asarray(bits)
+  # Strings ("4" from a config file), None and objects are not bit widths.
+  if values.dtype.kind not in "biuf":
+    raise ValueError(
+      f"bits={bits!r} must be integers in {MIN_BITS}..{MAX_BITS}"
+    )
+  values = values.astype(np.float64)
   bad = (values != np.round(values)) | (values < MIN_BITS) | (values > MAX_BITS)
   if np.any(bad):
     raise ValueError(

@@ -1080,6 +1080,11 @@ def train_and_evaluate(
     num_classes=dataset.num_classes,
     task="node" if node_task else "graph",
   )
+  data_lib.validate_prompt_sizes(  # Where the model meets the dataset.
+    model.prompt,
+    input_width=dataset.num_features,
+    aggregate_widths=model.aggregate_widths(dataset.num_features),
+  )
   log = _MetricsLog(workdir / "metrics.jsonl", append=resume)
   records: list[RunRecord] = []
   seeds = range(config.seeds)

@@ -1,4 +1,4 @@
-"""Benchmark datasets: loading, integrity checks and padded batching."""
+"""Benchmark datasets: loading, validation, download and padded batching."""
 
 from lorap_jax._src.data.batching import (
   GraphBatch,
@@ -19,11 +19,23 @@ from lorap_jax._src.data.datasets import (
   load_planetoid,
   load_tu,
 )
+from lorap_jax._src.data.download import (
+  DownloadError,
+  download_file,
+  fetch_dataset,
+)
 from lorap_jax._src.data.files import (
   DATA_DIR_ENV,
   DataFileError,
+  DatasetError,
   require_file,
   resolve_data_dir,
+)
+from lorap_jax._src.data.validation import (
+  canonical_edges,
+  validate_graph_dataset,
+  validate_node_dataset,
+  validate_prompt_sizes,
 )
 
 __all__ = [
@@ -32,11 +44,16 @@ __all__ = [
   "NODE_FEATURE_OPTIONS",
   "NUM_FOLDS",
   "DataFileError",
+  "DatasetError",
+  "DownloadError",
   "Fold",
   "GraphBatch",
   "GraphDataset",
   "NodeDataset",
   "PaddingBudget",
+  "canonical_edges",
+  "download_file",
+  "fetch_dataset",
   "is_node_dataset",
   "iterate_batches",
   "load_dataset",
@@ -46,4 +63,7 @@ __all__ = [
   "make_budgets",
   "require_file",
   "resolve_data_dir",
+  "validate_graph_dataset",
+  "validate_node_dataset",
+  "validate_prompt_sizes",
 ]

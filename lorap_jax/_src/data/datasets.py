@@ -10,10 +10,11 @@ Three on-disk formats are read, all from a local data directory (see
 
 Every graph comes back as a numpy `jraph.GraphsTuple` whose edges list both
 directions of every undirected edge, without self-loops or duplicates, sorted
-by (receiver, sender).
+by (receiver, sender). Every loader checks its result with
+`validation.validate_node_dataset` / `validate_graph_dataset` before
+returning it.
 """
 
-import dataclasses
 import itertools
 import os
 import pathlib
@@ -25,10 +26,16 @@ import jraph
 import numpy as np
 import scipy.sparse
 
+from lorap_jax._src.data.containers import Fold, GraphDataset, NodeDataset
 from lorap_jax._src.data.files import (
   DataFileError,
   require_file,
   resolve_data_dir,
+)
+from lorap_jax._src.data.validation import (
+  canonical_edges,
+  validate_graph_dataset,
+  validate_node_dataset,
 )
 
 NUM_FOLDS = 10
@@ -40,6 +47,17 @@ _ONE_HOT_DEGREE_LIMIT = 1000
 _PLANETOID_VAL_SIZE = 500
 
 _PLANETOID_NAMES = ("cora", "citeseer", "pubmed")
+# The files ``planetoid/<name>/ind.<name>.<suffix>`` of each Planetoid set.
+PLANETOID_SUFFIXES = (
+  "x",
+  "y",
+  "tx",
+  "ty",
+  "allx",
+  "ally",
+  "graph",
+  "test.index",
+)
 # load_dataset name -> directory under gin/.
 _GIN_DIRS = {
   "mutag": "MUTAG",
@@ -52,6 +70,8 @@ _GIN_DIRS = {
 }
 # load_dataset name -> directory under tu/.
 _TU_DIRS = {"tu-mutag": "MUTAG", "tu-proteins": "PROTEINS", "tu-nci1": "NCI1"}
+# The files ``tu/<NAME>/<NAME>_<part>.txt`` the TU loader reads.
+TU_PARTS = ("A", "graph_indicator", "graph_labels", "node_labels")
 
 DATASET_NAMES = (*_PLANETOID_NAMES, *_GIN_DIRS, *_TU_DIRS)
 
@@ -60,101 +80,8 @@ _IS_SPACE = np.zeros(256, dtype=bool)
 _IS_SPACE[list(b" \t\n\r\x0b\x0c")] = True
 
 
-# eq=False: field-wise == on numpy arrays is ambiguous, so compare by identity.
-@dataclasses.dataclass(frozen=True, eq=False)
-class NodeDataset:
-  """A transductive node-classification dataset: one graph, node splits.
-
-  Attributes:
-    name: The dataset name, e.g. ``"cora"``.
-    graph: The graph, numpy arrays: ``nodes`` float32 ``[n_nodes, features]``,
-      ``senders`` / ``receivers`` int32 ``[n_edges]`` with both directions of
-      every edge, sorted by (receiver, sender); ``n_node`` ``[1]``,
-      ``n_edge`` ``[1]`` int32; ``edges`` and ``globals`` are None.
-    labels: int32 ``[n_nodes]`` classes in ``0 .. num_classes - 1``.
-    train_mask: bool ``[n_nodes]``, the training nodes.
-    val_mask: bool ``[n_nodes]``, the validation nodes.
-    test_mask: bool ``[n_nodes]``, the test nodes.
-    num_classes: The number of classes.
-  """
-
-  name: str
-  graph: jraph.GraphsTuple
-  labels: np.ndarray
-  train_mask: np.ndarray
-  val_mask: np.ndarray
-  test_mask: np.ndarray
-  num_classes: int
-
-  @property
-  def num_features(self) -> int:
-    """The node feature dimension."""
-    return self.graph.nodes.shape[1]
-
-
-class Fold(NamedTuple):
-  """One cross-validation fold: disjoint, sorted int32 graph indices."""
-
-  train: np.ndarray
-  val: np.ndarray
-  test: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class GraphDataset:
-  """A graph-classification dataset with its 10 cross-validation folds.
-
-  Attributes:
-    name: The dataset name, e.g. ``"mutag"``.
-    graphs: One numpy `jraph.GraphsTuple` per graph: ``nodes`` float32
-      ``[n_i, features]``, ``senders`` / ``receivers`` int32 local node ids
-      with both directions of every edge; ``edges`` and ``globals`` are None.
-    labels: int32 ``[n_graphs]`` classes in ``0 .. num_classes - 1``.
-    num_classes: The number of classes.
-    folds: `NUM_FOLDS` folds of graph indices.
-  """
-
-  name: str
-  graphs: tuple[jraph.GraphsTuple, ...]
-  labels: np.ndarray
-  num_classes: int
-  folds: tuple[Fold, ...]
-
-  @property
-  def num_features(self) -> int:
-    """The node feature dimension."""
-    return self.graphs[0].nodes.shape[1]
-
-
 # ---------------------------------------------------------------------------
 # Shared graph helpers.
-
-
-def _canonical_edges(
-  senders: np.ndarray, receivers: np.ndarray, num_nodes: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Symmetrises edges and drops self-loops and duplicates.
-
-  Args:
-    senders: int ``[n_edges]`` node ids in ``0 .. num_nodes - 1``.
-    receivers: int ``[n_edges]`` node ids in ``0 .. num_nodes - 1``.
-    num_nodes: The number of nodes.
-
-  Returns:
-    ``(senders, receivers)``, int32 ``[n_directed]``, holding both directions
-    of every edge once, sorted by (receiver, sender).
-  """
-  senders = np.asarray(senders, dtype=np.int64)
-  receivers = np.asarray(receivers, dtype=np.int64)
-  both_senders = np.concatenate([senders, receivers])
-  both_receivers = np.concatenate([receivers, senders])
-  keep = both_senders != both_receivers
-  # One sort key per edge, so that one sort orders and exposes duplicates
-  # (a plain sort is several times faster than np.unique's hashing here).
-  base = max(num_nodes, 1)
-  keys = np.sort(both_receivers[keep] * base + both_senders[keep])
-  keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
-  return (keys % base).astype(np.int32), (keys // base).astype(np.int32)
 
 
 def _single_graph(
@@ -236,8 +163,10 @@ def _read_planetoid_pickle(path: pathlib.Path) -> Any:
     with path.open("rb") as f:
       return _PlanetoidUnpickler(f, encoding="latin1").load()
   except Exception as error:  # A damaged pickle fails in many ways.
+    truncated = isinstance(error, EOFError) or "truncated" in str(error)
+    hint = "; the file ends early (truncated?)" if truncated else ""
     raise DataFileError(
-      f"Cannot unpickle Planetoid file {path}: {error!r}"
+      f"Cannot unpickle Planetoid file {path}: {error!r}{hint}."
     ) from error
 
 
@@ -304,7 +233,7 @@ def _planetoid_edges(
         f"Planetoid file {path} names node ids outside 0..{num_nodes - 1} "
         f"(range found: {ids.min()}..{ids.max()})."
       )
-  return _canonical_edges(senders, receivers, num_nodes)
+  return canonical_edges(senders, receivers, num_nodes)
 
 
 def _row_normalize(features: np.ndarray) -> np.ndarray:
@@ -363,7 +292,7 @@ def load_planetoid(
   data_dir = resolve_data_dir(data_dir)
   paths = {
     suffix: require_file(data_dir, f"planetoid/{name}/ind.{name}.{suffix}")
-    for suffix in ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
+    for suffix in PLANETOID_SUFFIXES
   }
   raw = {
     suffix: _read_planetoid_pickle(path)
@@ -418,7 +347,7 @@ def load_planetoid(
 
   senders, receivers = _planetoid_edges(raw["graph"], num_nodes, paths["graph"])
   node_ids = np.arange(num_nodes)
-  return NodeDataset(
+  dataset = NodeDataset(
     name=name,
     graph=_single_graph(features, senders, receivers),
     labels=labels,
@@ -428,6 +357,8 @@ def load_planetoid(
     test_mask=np.isin(node_ids, test_index),
     num_classes=num_classes,
   )
+  source = f"Planetoid files {paths['graph'].parent}/ind.{name}.*"
+  return validate_node_dataset(dataset, source=source)
 
 
 # ---------------------------------------------------------------------------
@@ -630,7 +561,11 @@ def _node_features(
 
 
 def _build_graph_dataset(
-  name: str, raw: _RawGraphs, node_features: str, folds: tuple[Fold, ...]
+  name: str,
+  raw: _RawGraphs,
+  node_features: str,
+  folds: tuple[Fold, ...],
+  source: str,
 ) -> GraphDataset:
   """Canonicalises edges, builds features and splits into per-graph tuples.
 
@@ -639,12 +574,17 @@ def _build_graph_dataset(
     raw: The parsed graphs; edges must not cross graphs.
     node_features: The node feature option.
     folds: The cross-validation folds.
+    source: The files read, for error messages.
 
   Returns:
-    The dataset.
+    The dataset, checked by `validate_graph_dataset`.
+
+  Raises:
+    DataFileError: If the dataset fails `validate_graph_dataset`, e.g. a
+      graph without nodes.
   """
   num_nodes = int(raw.n_node.sum())
-  senders, receivers = _canonical_edges(raw.senders, raw.receivers, num_nodes)
+  senders, receivers = canonical_edges(raw.senders, raw.receivers, num_nodes)
   degrees = np.bincount(receivers, minlength=num_nodes)
   features = _node_features(raw.node_tags, degrees, node_features)
   node_offsets = np.concatenate([[0], np.cumsum(raw.n_node)])
@@ -661,13 +601,14 @@ def _build_graph_dataset(
       )
     )
   labels, num_classes = _remap_labels(raw.labels)
-  return GraphDataset(
+  dataset = GraphDataset(
     name=name,
     graphs=tuple(graphs),
     labels=labels,
     num_classes=num_classes,
     folds=folds,
   )
+  return validate_graph_dataset(dataset, source=source)
 
 
 def _make_fold(
@@ -957,7 +898,7 @@ def load_gin_format(
   raw = _parse_gin_file(path)
   folds = _gin_folds(data_dir, directory, len(raw.n_node))
   return _build_graph_dataset(
-    _dataset_name(directory, _GIN_DIRS), raw, node_features, folds
+    _dataset_name(directory, _GIN_DIRS), raw, node_features, folds, str(path)
   )
 
 
@@ -976,8 +917,7 @@ def _read_tu_files(data_dir: pathlib.Path, directory: str) -> _RawGraphs:
   """
   prefix = f"tu/{directory}/{directory}"
   paths = {
-    part: require_file(data_dir, f"{prefix}_{part}.txt")
-    for part in ("A", "graph_indicator", "graph_labels", "node_labels")
+    part: require_file(data_dir, f"{prefix}_{part}.txt") for part in TU_PARTS
   }
   edges = _read_int_table(paths["A"], num_columns=2) - 1
   graph_of_node = _read_int_table(paths["graph_indicator"], 1)[:, 0] - 1
@@ -990,23 +930,15 @@ def _read_tu_files(data_dir: pathlib.Path, directory: str) -> _RawGraphs:
       f"{paths['node_labels']} has {len(node_tags)} lines, expected "
       f"{num_nodes} (one per line of {paths['graph_indicator'].name})."
     )
-  # Graph ids must run 0, 0, .., 1, .. so that each graph is one node range.
-  n_node = np.bincount(graph_of_node.clip(0), minlength=num_graphs)
-  contiguous = (
-    num_nodes > 0
-    and graph_of_node.min() == 0
-    and graph_of_node.max() == num_graphs - 1
-    and np.all(np.diff(graph_of_node) >= 0)
-    and np.all(n_node > 0)
-  )
-  if not contiguous:
+  _check_graph_indicator(graph_of_node, num_graphs, paths)
+  bad_ids = (edges < 0) | (edges >= num_nodes)
+  if bad_ids.any():
+    line, column = np.unravel_index(np.argmax(bad_ids), bad_ids.shape)
     raise DataFileError(
-      f"{paths['graph_indicator']} must list graph ids 1..{num_graphs} (one "
-      f"per line of {paths['graph_labels'].name}) in non-decreasing order, "
-      "each at least once."
+      f"{paths['A']}, line {line + 1}: node id {edges[line, column] + 1} is "
+      f"outside 1..{num_nodes} (the lines of "
+      f"{paths['graph_indicator'].name})."
     )
-  if edges.size and (edges.min() < 0 or edges.max() >= num_nodes):
-    raise DataFileError(f"{paths['A']} names node ids outside 1..{num_nodes}.")
   senders, receivers = edges[:, 0], edges[:, 1]
   crossing = graph_of_node[senders] != graph_of_node[receivers]
   if crossing.any():
@@ -1015,7 +947,52 @@ def _read_tu_files(data_dir: pathlib.Path, directory: str) -> _RawGraphs:
       f"{paths['A']}, edge {line + 1}: nodes {senders[line] + 1} and "
       f"{receivers[line] + 1} are in different graphs."
     )
+  n_node = np.bincount(graph_of_node, minlength=num_graphs)
   return _RawGraphs(n_node, node_tags, senders, receivers, labels)
+
+
+def _check_graph_indicator(
+  graph_of_node: np.ndarray,
+  num_graphs: int,
+  paths: Mapping[str, pathlib.Path],
+) -> None:
+  """Checks that graph ids run 0, 0, .., 1, .., each graph one node range.
+
+  Args:
+    graph_of_node: int ``[n_nodes]`` 0-based graph id of every node.
+    num_graphs: The number of graphs (lines of the graph labels).
+    paths: The TU files by part, for error messages.
+
+  Raises:
+    DataFileError: Naming the line of the first bad id, or the first graph
+      without nodes.
+  """
+  path = paths["graph_indicator"]
+  labels_name = paths["graph_labels"].name
+  if len(graph_of_node) == 0:
+    raise DataFileError(f"{path} lists no node.")
+  out_of_range = (graph_of_node < 0) | (graph_of_node >= num_graphs)
+  if out_of_range.any():
+    line = int(np.argmax(out_of_range))
+    raise DataFileError(
+      f"{path}, line {line + 1}: graph id {graph_of_node[line] + 1} is "
+      f"outside 1..{num_graphs} (one graph per line of {labels_name})."
+    )
+  decreasing = np.diff(graph_of_node) < 0
+  if decreasing.any():
+    line = int(np.argmax(decreasing)) + 1
+    raise DataFileError(
+      f"{path}, line {line + 1}: graph id {graph_of_node[line] + 1} follows "
+      f"{graph_of_node[line - 1] + 1}; ids must not decrease, so that each "
+      "graph's nodes are consecutive."
+    )
+  n_node = np.bincount(graph_of_node, minlength=num_graphs)
+  if not n_node.all():
+    graph = int(np.argmin(n_node))
+    raise DataFileError(
+      f"{path}: graph {graph + 1} (line {graph + 1} of {labels_name}) has no "
+      "node; every graph needs at least one."
+    )
 
 
 def _stratified_folds(
@@ -1089,7 +1066,11 @@ def load_tu(
   raw = _read_tu_files(data_dir, directory)
   folds = _stratified_folds(raw.labels, NUM_FOLDS, seed)
   return _build_graph_dataset(
-    _dataset_name(directory, _TU_DIRS), raw, node_features, folds
+    _dataset_name(directory, _TU_DIRS),
+    raw,
+    node_features,
+    folds,
+    f"TU files {data_dir / 'tu' / directory}/{directory}_*.txt",
   )
 
 

@@ -1,9 +1,10 @@
 """Finding dataset files on disk and checking that they are intact.
 
-The datasets are never downloaded: they live in a local data directory given
-by the ``--data-dir`` flag or the ``LORAP_DATA_DIR`` environment variable.
-Files whose relative path is listed in ``checksums.json`` are checked against
-their SHA-256 digest the first time they are used in a process.
+The datasets live in a local data directory given by the ``--data-dir`` flag
+or the ``LORAP_DATA_DIR`` environment variable; nothing is downloaded unless
+asked for (``lorap train --download`` or `download.fetch_dataset`). Files
+whose relative path is listed in ``checksums.json`` are checked against their
+SHA-256 digest the first time they are used in a process.
 """
 
 import functools
@@ -26,7 +27,19 @@ _HOW_TO_GIVE = f"pass --data-dir or set the {DATA_DIR_ENV} environment variable"
 _VERIFIED_FILES: dict[pathlib.Path, tuple[int, int]] = {}
 
 
-class DataFileError(ValueError):
+# Data directories that `download.fetch_dataset` can fill from a public source.
+_DOWNLOADABLE = ("planetoid/", "tu/")
+_HOW_TO_DOWNLOAD = (
+  " The Planetoid and TU sets can be fetched from their public source with "
+  "`lorap train --download` or `lorap_jax.fetch_dataset(name, data_dir)`."
+)
+
+
+class DatasetError(ValueError):
+  """A dataset's arrays are inconsistent, out of range or not finite."""
+
+
+class DataFileError(DatasetError):
   """A dataset file exists but is corrupt, truncated or malformed."""
 
 
@@ -57,7 +70,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> pathlib.Path:
     raise FileNotFoundError(
       f"The data directory {path.absolute()} does not exist (or is not a "
       f"directory); {_HOW_TO_GIVE} to a directory with the layout "
-      f"{_EXPECTED_LAYOUT}."
+      f"{_EXPECTED_LAYOUT}." + _HOW_TO_DOWNLOAD
     )
   return path
 
@@ -118,6 +131,7 @@ def require_file(data_dir: pathlib.Path, relative: str) -> pathlib.Path:
       f"Dataset file {relative} is missing: expected it at "
       f"{path.absolute()}. Point --data-dir or {DATA_DIR_ENV} at a directory "
       f"with the layout {_EXPECTED_LAYOUT}."
+      + (_HOW_TO_DOWNLOAD if relative.startswith(_DOWNLOADABLE) else "")
     )
   expected = _known_checksums().get(relative)
   if expected is not None:
