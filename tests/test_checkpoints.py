@@ -111,6 +111,47 @@ def _forget_the_end(workdir: pathlib.Path, run: str, epochs: list[int]):
       path.rmdir()
 
 
+def _remove(path: pathlib.Path):
+  for file in sorted(path.rglob("*"), reverse=True):
+    file.unlink() if file.is_file() else file.rmdir()
+  path.rmdir()
+
+
+def test_vmapped_seeds_resume_like_an_uninterrupted_run(data_dir, tmp_path):
+  config = _cora_config(data_dir, epochs=8, every=2)
+  config.seeds, config.vmap_seeds = 2, True
+  clean = lorap_jax.train_and_evaluate(config, tmp_path / "clean")
+  workdir = tmp_path / "b"
+  lorap_jax.train_and_evaluate(config, workdir)
+  # Killed after epoch 3: the later checkpoints never happened.
+  _forget_the_end(workdir, "seeds_vmapped", [5, 7])
+  resumed = lorap_jax.train_and_evaluate(config, workdir, resume=True)
+  _assert_same_results(resumed, clean)
+  assert _epoch_rows(workdir) == _epoch_rows(tmp_path / "clean")
+  # A finished vmapped run is read back, not retrained.
+  again = lorap_jax.train_and_evaluate(config, workdir, resume=True)
+  _assert_same_results(again, clean)
+
+
+def test_mixq_resumes_inside_a_stage_and_skips_finished_ones(
+  data_dir, tmp_path
+):
+  config = _cora_config(data_dir, every=2)
+  config.quant.framework, config.prompt.kind = "mixq", "none"
+  config.mixq.search_epochs = config.mixq.fp32_epochs = 4
+  config.mixq.finetune_epochs = 4
+  clean = lorap_jax.train_and_evaluate(config, tmp_path / "clean")
+  workdir = tmp_path / "b"
+  lorap_jax.train_and_evaluate(config, workdir)
+  # Killed in the FP32 stage after its epoch-1 checkpoint.
+  _forget_the_end(workdir, "seed_0/fp32", [3])
+  _remove(workdir / "checkpoints" / "seed_0" / "fixed")
+  resumed = lorap_jax.train_and_evaluate(config, workdir, resume=True)
+  _assert_same_results(resumed, clean)
+  assert resumed["mixq_selected_bits"] == clean["mixq_selected_bits"]
+  assert _epoch_rows(workdir) == _epoch_rows(tmp_path / "clean")
+
+
 def test_graph_run_resumes_its_shuffling(data_dir, tmp_path, clean_mutag):
   clean, clean_dir = clean_mutag
   workdir = tmp_path / "b"
@@ -172,10 +213,10 @@ def test_refusals_name_the_problem(data_dir, tmp_path, clean_mutag, capsys):
     lorap_jax.train_and_evaluate(
       _mutag_config(data_dir), tmp_path / "empty", resume=True
     )
-  vmapped = _cora_config(data_dir)
-  vmapped.vmap_seeds = True
+  unsaved = _cora_config(data_dir)
+  unsaved.checkpoint.enabled = False
   with pytest.raises(ValueError, match="--resume needs checkpoints"):
-    lorap_jax.train_and_evaluate(vmapped, tmp_path / "v", resume=True)
+    lorap_jax.train_and_evaluate(unsaved, tmp_path / "v", resume=True)
   blocker = tmp_path / "a-file"
   blocker.write_text("")
   code = cli.main(

@@ -605,21 +605,11 @@ class _RunLoop:
 
   def end_epoch(self, epoch, state, train_loss, metrics, elapsed) -> None:
     """Records an epoch; raises FloatingPointError on a non-finite loss."""
-    if not np.isfinite(float(train_loss)):
-      saved = None
-      if self.checkpointer is not None:
-        saved = self.checkpointer.latest_epoch()
-      kept = (
-        f"the last good checkpoint (epoch {saved}) is kept in "
-        f"{self.checkpointer.directory}"
-        if saved is not None
-        else "no checkpoint was written"
-      )
-      raise FloatingPointError(
-        f"non-finite training loss {float(train_loss)} in {self.name} at "
-        f"epoch {epoch} (optimizer step {int(state.step)}); training "
-        f"stopped and {kept}. Lower the learning rate or check the data."
-      )
+    _refuse_non_finite(
+      train_loss,
+      f"{self.name} at epoch {epoch} (optimizer step {int(state.step)})",
+      self.checkpointer,
+    )
     self.times.append(elapsed)
     previous = self.selector.best
     self.selector.update(epoch, metrics, state)
@@ -657,6 +647,23 @@ class _RunLoop:
     return record
 
 
+def _refuse_non_finite(loss, where: str, checkpointer) -> None:
+  """Raises FloatingPointError if `loss` is not finite, naming `where`."""
+  if np.isfinite(float(loss)):
+    return
+  saved = None if checkpointer is None else checkpointer.latest_epoch()
+  kept = (
+    f"the last good checkpoint (epoch {saved}) is kept in "
+    f"{checkpointer.directory}"
+    if saved is not None
+    else "no checkpoint was written"
+  )
+  raise FloatingPointError(
+    f"non-finite training loss {float(loss)} in {where}; training stopped "
+    f"and {kept}. Lower the learning rate or check the data."
+  )
+
+
 def _finished_run(checkpointer, template) -> RunRecord | None:
   """The record of a run a checkpointer saw finish, or None."""
   if checkpointer is None:
@@ -665,9 +672,16 @@ def _finished_run(checkpointer, template) -> RunRecord | None:
   if done is None:
     return None
   best = checkpointer.restore_best(template)
+  # The last epoch is always saved, so the final state is there too.
+  _, last, _ = checkpointer.restore_latest(template)
   checkpointer.close()
   return RunRecord(
-    done["best_epoch"], done["val_acc"], done["test_acc"], done["times"], best
+    done["best_epoch"],
+    done["val_acc"],
+    done["test_acc"],
+    done["times"],
+    best,
+    last_state=last,
   )
 
 
@@ -721,14 +735,15 @@ _seeds_eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None)))
 
 
 def _train_node_runs_vmapped(
-  model, config, graph, eval_batch, seeds, log, progress
+  model, config, graph, eval_batch, seeds, log, progress, checkpointer=None
 ) -> list[RunRecord]:
   """`_train_node_run` for every seed at once, vmapped over the seeds.
 
   Each seed keeps its own initialisation and dropout keys (the same as the
   sequential runs'), its own validation selection, and its own record; the
   epoch time recorded per run is the batched epoch's divided by the number
-  of seeds.
+  of seeds. The checkpointer saves the stacked states (latest, and each
+  seed's selected one) and resumes them like a single run's.
   """
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
   tx = _optimizer(config, steps_per_epoch=1)
@@ -738,9 +753,24 @@ def _train_node_runs_vmapped(
   states = jax.vmap(
     lambda key: create_train_state(model, tx, graph, key, config.quant.bits)
   )(init_keys)
+  epochs = config.train.epochs
+  finished = _finished_vmapped_runs(checkpointer, states)
+  if finished is not None:
+    progress.update(len(seeds) * epochs)
+    return finished
   selectors = [_Selector(config.train.selection) for _ in seeds]
-  times = []
-  for epoch in range(config.train.epochs):
+  selected, times, start_epoch = states, [], 0
+  if checkpointer is not None:
+    restored = checkpointer.restore_latest(states)
+    if restored is not None:
+      epoch, states, saved = restored
+      start_epoch, times = epoch + 1, list(saved["times"])
+      for selector, best in zip(selectors, saved["best"], strict=True):
+        selector.best = tuple(best)
+      selected = checkpointer.restore_best(states)
+    log.drop(start_epoch)
+  progress.update(len(seeds) * start_epoch)
+  for epoch in range(start_epoch, epochs):
     rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, epoch)
 
     def epoch_fn(states=states, rngs=rngs):
@@ -750,27 +780,78 @@ def _train_node_runs_vmapped(
     (states, train_metrics, sums), elapsed = _timed(epoch_fn)
     times.append(elapsed / len(seeds))
     train_metrics, sums = jax.device_get((train_metrics, sums))
+    moved = []
     for i, (seed, selector) in enumerate(zip(seeds, selectors, strict=True)):
+      seed_train = jax.tree.map(lambda x, i=i: x[i], train_metrics)
+      _refuse_non_finite(
+        seed_train["loss"], f"seed {seed} at epoch {epoch}", checkpointer
+      )
       metrics = summarize_eval([jax.tree.map(lambda x, i=i: x[i], sums)])
       previous = selector.best
       selector.update(epoch, metrics, None)
-      if selector.best is not previous:
-        selector.state = jax.tree.map(lambda x, i=i: x[i], states)
-      seed_train = jax.tree.map(lambda x, i=i: x[i], train_metrics)
+      moved.append(selector.best is not previous)
       log(
         seed=seed, epoch=epoch, train=seed_train, metrics=metrics, ms=times[-1]
       )
+    if any(moved):
+      selected = _take_rows(np.array(moved), states, selected)
+      if checkpointer is not None:
+        checkpointer.save_best(epoch, selected)
+    if checkpointer is not None and checkpointer.due(epoch, epochs - 1):
+      best = [list(selector.best) for selector in selectors]
+      checkpointer.save(epoch, states, {"times": times, "best": best})
     progress.update(len(seeds))
-  return [
+  records = [
     RunRecord(
       selector.best[1],
       selector.best[2]["val"]["accuracy"],
       selector.best[2]["test"]["accuracy"],
       times,
-      selector.state,
+      jax.tree.map(lambda x, i=i: x[i], selected),
       last_state=jax.tree.map(lambda x, i=i: x[i], states),
     )
     for i, selector in enumerate(selectors)
+  ]
+  if checkpointer is not None:
+    checkpointer.finish(
+      {
+        "runs": [[r.best_epoch, r.val_acc, r.test_acc] for r in records],
+        "times": times,
+      }
+    )
+    checkpointer.close()
+  return records
+
+
+def _take_rows(rows: np.ndarray, new, old):
+  """Per leading index i, `new`'s slice where rows[i], else `old`'s."""
+
+  def take(a, b):
+    return jnp.where(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+  return jax.tree.map(take, new, old)
+
+
+def _finished_vmapped_runs(checkpointer, template) -> list[RunRecord] | None:
+  """The records of vmapped seeds a checkpointer saw finish, or None."""
+  if checkpointer is None:
+    return None
+  done = checkpointer.finished_record()
+  if done is None:
+    return None
+  selected = checkpointer.restore_best(template)
+  _, last, _ = checkpointer.restore_latest(template)
+  checkpointer.close()
+  return [
+    RunRecord(
+      best_epoch,
+      val_acc,
+      test_acc,
+      done["times"],
+      jax.tree.map(lambda x, i=i: x[i], selected),
+      last_state=jax.tree.map(lambda x, i=i: x[i], last),
+    )
+    for i, (best_epoch, val_acc, test_acc) in enumerate(done["runs"])
   ]
 
 
@@ -868,8 +949,28 @@ def _mixq_selection(config, state) -> tuple[dict[str, int], str]:
   return chosen, ",".join(f"{name}={bits}" for name, bits in chosen.items())
 
 
+class _StageLog:
+  """A `_MetricsLog` whose lines carry a MixQ stage (and drop only its)."""
+
+  def __init__(self, log, stage: str):
+    self.log, self.stage = log, stage
+
+  def __call__(self, **row):
+    self.log(stage=self.stage, **row)
+
+  def drop(self, from_epoch: int, **ids) -> None:
+    self.log.drop(from_epoch, stage=self.stage, **ids)
+
+
 def _train_mixq_node_run(
-  config, num_classes, graph, eval_batch, seed, log, progress
+  config,
+  num_classes,
+  graph,
+  eval_batch,
+  seed,
+  log,
+  progress,
+  checkpointer=None,
 ) -> RunRecord:
   """MixQ's node-task schedule (`frameworks.md` 4.2), for one seed.
 
@@ -877,20 +978,23 @@ def _train_mixq_node_run(
   in FP32; (c) from (b)'s best weights, quantizers calibrated on them, the
   fixed widths fine-tuned at `mixq.finetune_lr` without weight decay. The
   run's accuracy is (c)'s at its validation-selected epoch.
+
+  `checkpointer(stage)` gives each stage its own checkpoints (or None), so
+  a resumed run skips the finished stages.
   """
 
   def run(stage_config, stage, start_from=None):
     model = create_model(stage_config, num_classes=num_classes, task="node")
-    stage_log = functools.partial(log, stage=stage)
     return _train_node_run(
       model,
       stage_config,
       graph,
       eval_batch,
       seed,
-      stage_log,
+      _StageLog(log, stage),
       progress,
       start_from,
+      checkpointer=None if checkpointer is None else checkpointer(stage),
     )
 
   settings = config.mixq
@@ -930,16 +1034,15 @@ def _train_mixq_graph_run(
   checkpointer=None,
 ) -> RunRecord:
   """MixQ's graph-task schedule: the search, then QAT of the fixed widths
-  from scratch, each for `train.epochs` (`_train_graph_run`'s signature;
-  each stage builds its own model; staged runs are not checkpointed, so
-  `checkpointer` is always None)."""
-  del model, checkpointer
+  from scratch, each for `train.epochs` (`_train_graph_run`'s signature,
+  except that `checkpointer(stage)` gives each stage its checkpoints; each
+  stage builds its own model)."""
+  del model
 
   def run(stage_config, stage):
     model = create_model(
       stage_config, num_classes=dataset.num_classes, task="graph"
     )
-    stage_log = functools.partial(log, stage=stage)
     return _train_graph_run(
       model,
       stage_config,
@@ -948,8 +1051,9 @@ def _train_mixq_graph_run(
       fold_index,
       budgets,
       seed,
-      stage_log,
+      _StageLog(log, stage),
       progress,
+      checkpointer=None if checkpointer is None else checkpointer(stage),
     )
 
   search = run(config, "search")
@@ -1047,7 +1151,7 @@ def train_and_evaluate(
 
   Writes to `workdir`: `config.json`, `metrics.jsonl` (one line per epoch
   and run), `summary.json`, and orbax checkpoints under `checkpoints/`
-  (`config.checkpoint`; not for vmapped seeds or MixQ's stages).
+  (`config.checkpoint`: per run, per MixQ stage, or one for vmapped seeds).
 
   Args:
     config: see `lorap_jax.get_config`.
@@ -1069,7 +1173,7 @@ def train_and_evaluate(
   _validate(config)
   workdir = pathlib.Path(workdir).absolute()
   staged = config.quant.framework == "mixq"
-  checkpointed = config.checkpoint.enabled and not (staged or config.vmap_seeds)
+  checkpointed = config.checkpoint.enabled
   _prepare_workdir(config, workdir, resume=resume, checkpointed=checkpointed)
   dataset = data_lib.load_dataset(
     config.dataset, config.data_dir or None, **_dataset_options(config)
@@ -1098,6 +1202,12 @@ def train_and_evaluate(
       keep=config.checkpoint.keep,
     )
 
+  def stage_checkpointers(name):
+    # MixQ: one checkpoint directory per stage of the run.
+    if not checkpointed:
+      return None
+    return lambda stage: checkpointer(f"{name}/{stage}")
+
   try:
     if node_task:
       graph, eval_batch = node_inputs(dataset, config)
@@ -1106,14 +1216,28 @@ def train_and_evaluate(
         if config.vmap_seeds and not staged:
           bar.set_description(f"{config.seeds} seeds, vmapped")
           records = _train_node_runs_vmapped(
-            model, config, graph, eval_batch, list(seeds), log, bar
+            model,
+            config,
+            graph,
+            eval_batch,
+            list(seeds),
+            log,
+            bar,
+            checkpointer=checkpointer("seeds_vmapped"),
           )
         else:
           for seed in seeds:
             bar.set_description(f"seed {seed}")
             if staged:
               record = _train_mixq_node_run(
-                config, dataset.num_classes, graph, eval_batch, seed, log, bar
+                config,
+                dataset.num_classes,
+                graph,
+                eval_batch,
+                seed,
+                log,
+                bar,
+                checkpointer=stage_checkpointers(f"seed_{seed}"),
               )
             else:
               record = _train_node_run(
@@ -1131,7 +1255,11 @@ def train_and_evaluate(
       folds = dataset.folds[: config.folds]
       budgets = data_lib.make_budgets(dataset.graphs, config.train.batch_size)
       total = len(folds) * config.seeds * epochs_per_run(config)
-      run_graph = _train_mixq_graph_run if staged else _train_graph_run
+      run_graph, run_checkpointer = (
+        (_train_mixq_graph_run, stage_checkpointers)
+        if staged
+        else (_train_graph_run, checkpointer)
+      )
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
         for fold_index, fold in enumerate(folds):
           for seed in seeds:
@@ -1146,7 +1274,7 @@ def train_and_evaluate(
               seed,
               log,
               bar,
-              checkpointer=checkpointer(f"fold_{fold_index}_seed_{seed}"),
+              checkpointer=run_checkpointer(f"fold_{fold_index}_seed_{seed}"),
             )
             records.append(record)
   finally:
@@ -1171,8 +1299,7 @@ def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
   if resume:
     if not checkpointed:
       raise ValueError(
-        "--resume needs checkpoints, which vmapped seeds, MixQ's stages and "
-        "checkpoint.enabled=False do not write"
+        "--resume needs checkpoints, which checkpoint.enabled=False turns off"
       )
     if not saved_config.exists():
       raise ValueError(f"nothing to resume in {workdir}: no config.json")
