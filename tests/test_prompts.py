@@ -288,18 +288,19 @@ class KernelsTest(chex.TestCase):
       lorap_jax.kernels.lorap_prompt(*args)
 
   @parameterized.named_parameters(
-    ("name", "pallas", r"implementation=\['pallas'\] unknown"),
-    ("sequence", ("xla", "triton"), r"implementation=\['triton'\] unknown"),
+    ("name", "cuda", r"implementation=\['cuda'\] unknown"),
+    ("sequence", ("xla", "tpu"), r"implementation=\['tpu'\] unknown"),
   )
   def test_refuses_unknown_implementation(self, implementation, message):
-    with pytest.raises(ValueError, match=message + r"; available: \('xla',\)"):
+    available = r"; available: \('xla', 'pallas', 'triton'\) or 'auto'"
+    with pytest.raises(ValueError, match=message + available):
       lorap_jax.kernels.lorap_prompt(
         *self._inputs(), implementation=implementation
       )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-    ("default", None), ("xla", "xla"), ("list", ["xla"])
+    ("default", None), ("auto", "auto"), ("xla", "xla"), ("list", ["xla"])
   )
   def test_matches_reference_and_numpy(self, implementation):
     args = self._inputs()

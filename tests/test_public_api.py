@@ -83,7 +83,9 @@ def test_kernels_package():
     assert hasattr(kernels, name)
   module = importlib.import_module("lorap_jax.kernels.lorap_prompt")
   assert module.lorap_prompt is kernels.lorap_prompt
-  assert "xla" in module.IMPLEMENTATIONS
+  assert module.IMPLEMENTATIONS == ("xla", "pallas", "triton")
+  assert kernels.BlockConfig is module.BlockConfig
+  assert callable(module.get_default)
   for name in module.__all__:
     assert hasattr(module, name)
 

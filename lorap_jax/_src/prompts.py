@@ -29,15 +29,17 @@ class PromptConfig:
     rank: r, the rank of LoRAP's basis P_A @ P_B.
     init: "lora" (P_B zero: the prompt starts as a no-op, the default) or
       "glorot" (both factors glorot, the GPF-plus style, for ablation).
-    implementation: the fused-prompt implementation (see
-      `lorap_jax.kernels.lorap_prompt`).
+    implementation: the fused-prompt implementation: "auto" (the default;
+      None means the same: triton on a CUDA GPU of compute capability >= 8.0,
+      else pallas on a GPU, else xla), "xla", "pallas", "triton", or a tuple
+      of them to try in order (see `lorap_jax.kernels.lorap_prompt`).
   """
 
   kind: PromptKind = "none"
   num_prompts: int = 10
   rank: int = 4
   init: str = "lora"
-  implementation: str | None = None
+  implementation: str | tuple[str, ...] | None = "auto"
 
   def __post_init__(self):
     if self.kind not in PROMPT_KINDS:
@@ -140,7 +142,8 @@ class LoRAP(nn.Module):
     num_prompts: k, the number of basis prompts.
     rank: r.
     basis_init: "lora" or "glorot" (see `PromptConfig.init`).
-    implementation: which fused-prompt implementation runs.
+    implementation: which fused-prompt implementation runs ("auto" by
+      default; see `PromptConfig.implementation`).
 
   Examples:
     >>> s_hat = jnp.ones((5, 8))
@@ -153,7 +156,7 @@ class LoRAP(nn.Module):
   num_prompts: int
   rank: int
   basis_init: str = "lora"
-  implementation: str | None = None
+  implementation: str | tuple[str, ...] | None = "auto"
 
   @nn.compact
   def __call__(
