@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_vmapped_seeds_resume_like_an_uninterrupted_run(data_dir, tmp_path):
   config.seeds, config.vmap_seeds = 2, True
   clean = lorap_jax.train_and_evaluate(config, tmp_path / "clean")
   workdir = tmp_path / "b"
-  lorap_jax.train_and_evaluate(config, workdir)
+  shutil.copytree(tmp_path / "clean", workdir)
   # Killed after epoch 3: the later checkpoints never happened.
   _forget_the_end(workdir, "seeds_vmapped", [5, 7])
   resumed = lorap_jax.train_and_evaluate(config, workdir, resume=True)
@@ -142,7 +143,7 @@ def test_mixq_resumes_inside_a_stage_and_skips_finished_ones(
   config.mixq.finetune_epochs = 4
   clean = lorap_jax.train_and_evaluate(config, tmp_path / "clean")
   workdir = tmp_path / "b"
-  lorap_jax.train_and_evaluate(config, workdir)
+  shutil.copytree(tmp_path / "clean", workdir)
   # Killed in the FP32 stage after its epoch-1 checkpoint.
   _forget_the_end(workdir, "seed_0/fp32", [3])
   _remove(workdir / "checkpoints" / "seed_0" / "fixed")
