@@ -406,10 +406,14 @@ def test_reddit_budgets_fit_the_largest_graphs(load):
 
 
 def test_dataset_names():
-  assert len(data.DATASET_NAMES) == 13
+  assert len(data.DATASET_NAMES) == 17
   assert data.is_node_dataset("Cora")
+  assert data.is_node_dataset("amazon-photo")
+  assert data.is_node_dataset("npz/any_graph.npz")
   assert not data.is_node_dataset("REDDIT-BINARY")
   assert not data.is_node_dataset("tu-nci1")
+  assert not data.is_node_dataset("mnist-superpixels")
+  assert not data.is_node_dataset("aqsol")
 
 
 def test_unknown_dataset_name():

@@ -510,6 +510,25 @@ def node_inputs(dataset, config) -> tuple[jraph.GraphsTuple, EvalBatch]:
   return graph, eval_batch
 
 
+def seed_eval_batch(dataset, eval_batch: EvalBatch, seeds) -> EvalBatch:
+  """`eval_batch` with the masks of `seeds` for per-seed splits (Amazon).
+
+  Datasets with a fixed split get `eval_batch` back. `seeds` is one seed
+  (masks ``[n_nodes]``) or a list (masks stacked ``[n_seeds, n_nodes]``,
+  for the vmapped runs).
+  """
+  if not dataset.random_split:
+    return eval_batch
+  splits = [dataset.split_for_seed(s) for s in np.atleast_1d(seeds).tolist()]
+  masks = {
+    name: np.stack([getattr(split, f"{name}_mask") for split in splits])
+    for name in ("train", "val", "test")
+  }
+  if np.ndim(seeds) == 0:
+    masks = {name: mask[0] for name, mask in masks.items()}
+  return eval_batch._replace(masks=jax.device_put(masks))
+
+
 def _graph_batches(dataset, indices, config, budgets, *, shuffle, rng):
   for batch in data_lib.iterate_batches(
     dataset,
@@ -732,6 +751,13 @@ def _train_node_run(
 # All seeds of a node task in one program: states stacked on a leading axis.
 _seeds_train_step = jax.jit(jax.vmap(train_step, in_axes=(0, None, 0)))
 _seeds_eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None)))
+# The same where each seed has its own split: the masks carry a seed axis.
+_split_seeds_train_step = jax.jit(
+  jax.vmap(train_step, in_axes=(0, Batch(None, None, 0), 0))
+)
+_split_seeds_eval_step = jax.jit(
+  jax.vmap(eval_step, in_axes=(0, EvalBatch(None, None, 0)))
+)
 
 
 def _train_node_runs_vmapped(
@@ -770,12 +796,18 @@ def _train_node_runs_vmapped(
       selected = checkpointer.restore_best(states)
     log.drop(start_epoch)
   progress.update(len(seeds) * start_epoch)
+  # Masks [n_seeds, n_nodes]: a split per seed (seed_eval_batch).
+  seeds_train_step, seeds_eval_step = (
+    (_split_seeds_train_step, _split_seeds_eval_step)
+    if eval_batch.masks["train"].ndim == 2
+    else (_seeds_train_step, _seeds_eval_step)
+  )
   for epoch in range(start_epoch, epochs):
     rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, epoch)
 
     def epoch_fn(states=states, rngs=rngs):
-      new_states, train_metrics = _seeds_train_step(states, train_batch, rngs)
-      return new_states, train_metrics, _seeds_eval_step(new_states, eval_batch)
+      new_states, train_metrics = seeds_train_step(states, train_batch, rngs)
+      return new_states, train_metrics, seeds_eval_step(new_states, eval_batch)
 
     (states, train_metrics, sums), elapsed = _timed(epoch_fn)
     times.append(elapsed / len(seeds))
@@ -1179,6 +1211,12 @@ def train_and_evaluate(
     config.dataset, config.data_dir or None, **_dataset_options(config)
   )
   node_task = isinstance(dataset, data_lib.NodeDataset)
+  if getattr(dataset, "task", "classification") == "regression":
+    raise ValueError(
+      f"{config.dataset} is a regression set; the training loop has no "
+      "regression head, MAE metric or val-MAE selection yet (its loader, "
+      "lorap_jax.load_aqsol, works)"
+    )
   model = create_model(
     config,
     num_classes=dataset.num_classes,
@@ -1219,7 +1257,7 @@ def train_and_evaluate(
             model,
             config,
             graph,
-            eval_batch,
+            seed_eval_batch(dataset, eval_batch, list(seeds)),
             list(seeds),
             log,
             bar,
@@ -1228,12 +1266,13 @@ def train_and_evaluate(
         else:
           for seed in seeds:
             bar.set_description(f"seed {seed}")
+            seed_batch = seed_eval_batch(dataset, eval_batch, seed)
             if staged:
               record = _train_mixq_node_run(
                 config,
                 dataset.num_classes,
                 graph,
-                eval_batch,
+                seed_batch,
                 seed,
                 log,
                 bar,
@@ -1244,7 +1283,7 @@ def train_and_evaluate(
                 model,
                 config,
                 graph,
-                eval_batch,
+                seed_batch,
                 seed,
                 log,
                 bar,

@@ -6,6 +6,8 @@ from lorap_jax._src.data.batching import (
   iterate_batches,
   make_budgets,
 )
+from lorap_jax._src.data.cache import CACHE_DIR_ENV, resolve_cache_dir
+from lorap_jax._src.data.containers import GRAPH_TASKS
 from lorap_jax._src.data.datasets import (
   DATASET_NAMES,
   NODE_FEATURE_OPTIONS,
@@ -31,6 +33,13 @@ from lorap_jax._src.data.files import (
   require_file,
   resolve_data_dir,
 )
+from lorap_jax._src.data.molecules import load_aqsol
+from lorap_jax._src.data.npz import (
+  load_npz_graph,
+  random_per_class_split,
+  read_npz_graph,
+)
+from lorap_jax._src.data.superpixels import load_mnist_superpixels
 from lorap_jax._src.data.validation import (
   canonical_edges,
   validate_graph_dataset,
@@ -39,8 +48,10 @@ from lorap_jax._src.data.validation import (
 )
 
 __all__ = [
+  "CACHE_DIR_ENV",
   "DATASET_NAMES",
   "DATA_DIR_ENV",
+  "GRAPH_TASKS",
   "NODE_FEATURE_OPTIONS",
   "NUM_FOLDS",
   "DataFileError",
@@ -56,12 +67,18 @@ __all__ = [
   "fetch_dataset",
   "is_node_dataset",
   "iterate_batches",
+  "load_aqsol",
   "load_dataset",
   "load_gin_format",
+  "load_mnist_superpixels",
+  "load_npz_graph",
   "load_planetoid",
   "load_tu",
   "make_budgets",
+  "random_per_class_split",
+  "read_npz_graph",
   "require_file",
+  "resolve_cache_dir",
   "resolve_data_dir",
   "validate_graph_dataset",
   "validate_node_dataset",

@@ -41,7 +41,8 @@ class GraphBatch(NamedTuple):
     graph: The padded numpy `jraph.GraphsTuple`: ``nodes`` float32
       ``[n_node_budget, features]``, ``senders`` / ``receivers`` int32
       ``[n_edge_budget]``, ``n_node`` / ``n_edge`` int32 ``[n_graph]``.
-    labels: int32 ``[n_graph]``; 0 for padding graphs.
+    labels: ``[n_graph]``, the dataset's label dtype (int32 classes, float32
+      regression targets); 0 for padding graphs.
     graph_mask: bool ``[n_graph]``, True for the real graphs.
     node_mask: bool ``[n_node_budget]``, True for the real nodes.
   """
@@ -249,7 +250,8 @@ def _make_batch(
   graph_n_edge = np.zeros(budget.n_graph, dtype=np.int32)
   graph_n_edge[:num_graphs] = n_edge
   graph_n_edge[num_graphs] = budget.n_edge - num_edges
-  labels = np.zeros(budget.n_graph, dtype=np.int32)
+  # int32 classes, or float32 regression targets: the dataset's dtype.
+  labels = np.zeros(budget.n_graph, dtype=dataset.labels.dtype)
   labels[:num_graphs] = dataset.labels[graph_ids]
   graph = jraph.GraphsTuple(
     nodes=nodes,

@@ -1,12 +1,18 @@
-"""Loaders for the node- and graph-classification benchmarks.
+"""Loaders for the node- and graph-level benchmarks.
 
-Three on-disk formats are read, all from a local data directory (see
+These on-disk formats are read, all from a local data directory (see
 `files.resolve_data_dir`):
 
 * Planetoid pickles (Cora, CiteSeer, PubMed) with the standard public split,
   as loaded by Kipf & Welling's GCN code and PyG's ``Planetoid``.
 * The DGCNN/GIN single-text-file format with its 10-fold index files.
 * TUDataset raw text files, split with a seeded stratified 10-fold split.
+* ``.npz`` node-classification graphs (Amazon Photo / Computers, any
+  ``npz/<file>.npz``) with a random split per seed: `npz`.
+* The raw MNIST images, turned into SLIC superpixel graphs and cached:
+  `superpixels`.
+* AqSol molecules (graph regression) from SMILES and benchmarking-gnns'
+  pickles: `molecules`.
 
 Every graph comes back as a numpy `jraph.GraphsTuple` whose edges list both
 directions of every undirected edge, without self-loops or duplicates, sorted
@@ -73,7 +79,19 @@ _TU_DIRS = {"tu-mutag": "MUTAG", "tu-proteins": "PROTEINS", "tu-nci1": "NCI1"}
 # The files ``tu/<NAME>/<NAME>_<part>.txt`` the TU loader reads.
 TU_PARTS = ("A", "graph_indicator", "graph_labels", "node_labels")
 
-DATASET_NAMES = (*_PLANETOID_NAMES, *_GIN_DIRS, *_TU_DIRS)
+# Node classification with a random split per seed (npz.AMAZON_FILES).
+_NPZ_NAMES = ("amazon-photo", "amazon-computers")
+_MNIST_NAME = "mnist-superpixels"
+_AQSOL_NAME = "aqsol"
+
+DATASET_NAMES = (
+  *_PLANETOID_NAMES,
+  *_NPZ_NAMES,
+  *_GIN_DIRS,
+  *_TU_DIRS,
+  _MNIST_NAME,
+  _AQSOL_NAME,
+)
 
 # Whitespace as `bytes.split` sees it.
 _IS_SPACE = np.zeros(256, dtype=bool)
@@ -1078,12 +1096,23 @@ def load_tu(
 # Name-based entry point.
 
 
+def _is_npz_file_name(name: str) -> bool:
+  """Whether `name` is ``npz/<file>.npz``, an ``.npz`` in the data dir."""
+  return name.lower().startswith("npz/") and name.lower().endswith(".npz")
+
+
 def _known_name(name: str) -> str:
-  """Returns the lower-case dataset name, or raises ValueError."""
+  """Returns the lower-case dataset name, or raises ValueError.
+
+  ``npz/<file>.npz`` names keep their case: they are file paths.
+  """
+  if _is_npz_file_name(name):
+    return name
   key = name.lower()
   if key not in DATASET_NAMES:
     raise ValueError(
-      f"Unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}."
+      f"Unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}"
+      ", or npz/<file>.npz for any .npz graph in the data directory."
     )
   return key
 
@@ -1092,9 +1121,10 @@ def is_node_dataset(name: str) -> bool:
   """Whether `name` is a node-classification dataset (case-insensitive).
 
   Raises:
-    ValueError: If `name` is not in `DATASET_NAMES`.
+    ValueError: If `name` is not in `DATASET_NAMES` or ``npz/<file>.npz``.
   """
-  return _known_name(name) in _PLANETOID_NAMES
+  key = _known_name(name)
+  return key in _PLANETOID_NAMES or key in _NPZ_NAMES or _is_npz_file_name(key)
 
 
 def load_dataset(
@@ -1104,15 +1134,21 @@ def load_dataset(
 
   Args:
     name: One of `DATASET_NAMES`, case-insensitive: ``cora``, ``citeseer``,
-      ``pubmed`` (Planetoid); ``mutag``, ``proteins``, ``nci1``,
-      ``imdb-binary``, ``imdb-multi``, ``ptc``, ``reddit-binary`` (GIN
-      format); ``tu-mutag``, ``tu-proteins``, ``tu-nci1`` (TU raw text).
+      ``pubmed`` (Planetoid); ``amazon-photo``, ``amazon-computers``, or
+      ``npz/<file>.npz`` for any ``.npz`` graph in the data directory
+      (`npz.load_npz_graph`, a random split per seed); ``mutag``,
+      ``proteins``, ``nci1``, ``imdb-binary``, ``imdb-multi``, ``ptc``,
+      ``reddit-binary`` (GIN format); ``tu-mutag``, ``tu-proteins``,
+      ``tu-nci1`` (TU raw text); ``mnist-superpixels``
+      (`superpixels.load_mnist_superpixels`); ``aqsol`` (graph regression,
+      `molecules.load_aqsol`).
     data_dir: The data directory, or None for ``LORAP_DATA_DIR``.
     **options: Keyword options of the loader: `load_planetoid`,
-      `load_gin_format` or `load_tu`.
+      `npz.load_npz_graph`, `load_gin_format`, `load_tu`,
+      `superpixels.load_mnist_superpixels` or `molecules.load_aqsol`.
 
   Returns:
-    A `NodeDataset` for Planetoid names, else a `GraphDataset`.
+    A `NodeDataset` for Planetoid and ``.npz`` names, else a `GraphDataset`.
 
   Raises:
     ValueError: If `name` or an option value is unknown.
@@ -1123,6 +1159,19 @@ def load_dataset(
   data_dir = resolve_data_dir(data_dir)
   if key in _PLANETOID_NAMES:
     return load_planetoid(key, data_dir, **options)
+  # Imported here: these modules use this one's helpers.
+  if key in _NPZ_NAMES or _is_npz_file_name(key):
+    from lorap_jax._src.data import npz
+
+    return npz.load_amazon(key, data_dir, **options)
+  if key == _MNIST_NAME:
+    from lorap_jax._src.data import superpixels
+
+    return superpixels.load_mnist_superpixels(data_dir, **options)
+  if key == _AQSOL_NAME:
+    from lorap_jax._src.data import molecules
+
+    return molecules.load_aqsol(data_dir, **options)
   if key in _GIN_DIRS:
     return load_gin_format(_GIN_DIRS[key], data_dir, **options)
   return load_tu(_TU_DIRS[key], data_dir, **options)

@@ -17,8 +17,9 @@ import pathlib
 DATA_DIR_ENV = "LORAP_DATA_DIR"
 
 _EXPECTED_LAYOUT = (
-  "planetoid/<name>/ind.<name>.*, gin/<NAME>/<NAME>.txt and "
-  "tu/<NAME>/<NAME>_*.txt"
+  "planetoid/<name>/ind.<name>.*, gin/<NAME>/<NAME>.txt, "
+  "tu/<NAME>/<NAME>_*.txt, npz/<file>.npz, mnist/raw/*-ubyte.gz and "
+  "aqsol/"
 )
 _HOW_TO_GIVE = f"pass --data-dir or set the {DATA_DIR_ENV} environment variable"
 

@@ -15,7 +15,12 @@ gives its ``source``):
   the arrays;
 * graphs without nodes (graph datasets name the graph);
 * labels that are not integers, one per node or graph, in
-  ``0 .. num_classes - 1``;
+  ``0 .. num_classes - 1``; regression targets that are not finite
+  numbers, one per graph;
+* edge features (``edges``) that are not numbers with one row per edge,
+  or that hold NaN or infinite values, or that come with edges the check
+  would have to rewrite (it cannot know how to merge their features);
+* a per-seed ``split_fn`` that is not callable;
 * node masks that are not bool, of the wrong length, empty or overlapping;
   folds whose graph indices are not integers, out of range, repeated or
   shared between train, val and test (an empty part is allowed: tiny toy
@@ -42,7 +47,12 @@ from typing import Any, NoReturn
 import jraph
 import numpy as np
 
-from lorap_jax._src.data.containers import Fold, GraphDataset, NodeDataset
+from lorap_jax._src.data.containers import (
+  GRAPH_TASKS,
+  Fold,
+  GraphDataset,
+  NodeDataset,
+)
 from lorap_jax._src.data.files import DataFileError, DatasetError
 
 # Signature: fail(problem) raises the error, prefixed with where it is.
@@ -191,7 +201,22 @@ def _graph_arrays(
   n_edge = _count(graph.n_edge, "n_edge", fail)
   if n_edge != len(senders):
     fail(f"n_edge says {n_edge} edges but senders has {len(senders)}.")
+  if graph.edges is not None:
+    _check_edge_features(np.asarray(graph.edges), len(senders), fail)
   return nodes, senders, receivers
+
+
+def _check_edge_features(edges: np.ndarray, n_edge: int, fail: _FailFn):
+  """Refuses edge features that are not finite numbers, one row per edge."""
+  if edges.ndim == 0 or edges.shape[0] != n_edge:
+    fail(
+      f"edge features (edges) must have one row per edge, shape "
+      f"[{n_edge}, ...], found {edges.shape}."
+    )
+  if edges.dtype.kind not in "biuf":
+    fail(f"edge features must be numbers, found dtype {edges.dtype}.")
+  if edges.dtype.kind == "f" and not np.isfinite(edges).all():
+    fail("edge features hold NaN or infinite values.")
 
 
 def _first_bad_entry(bad: np.ndarray, node_offsets: np.ndarray) -> tuple:
@@ -345,6 +370,16 @@ def _checked_graphs(
     if not stacked_canonical and not _is_canonical(
       senders, receivers, num_nodes
     ):
+      if graph.edges is not None:
+        graph_fail = (
+          _prefixed(fail, f"graph {graph_id}: ") if named_graphs else fail
+        )
+        graph_fail(
+          "the edges are not in canonical form (both directions of every "
+          "edge once, no self-loops, sorted by (receiver, sender)) and carry "
+          "edge features, which cannot be rewritten with them; build them "
+          "with canonical_edges and align the features."
+        )
       senders, receivers = canonical_edges(senders, receivers, num_nodes)
     if nodes.dtype == np.float32:
       features = nodes
@@ -397,6 +432,36 @@ def _checked_labels(
       f"(num_classes={num_classes}; {int(bad.sum())} bad label(s))."
     )
   return labels if labels.dtype == np.int32 else labels.astype(np.int32)
+
+
+def _checked_targets(
+  targets: Any, count: int, num_classes: Any, fail: _FailFn
+) -> np.ndarray:
+  """Checks ``[count]`` finite regression targets (one output).
+
+  Returns:
+    float32 ``[count]`` (the same array when it already is).
+  """
+  if num_classes != 1 or isinstance(num_classes, bool):
+    fail(f"num_classes={num_classes!r} must be 1 (one output) for regression.")
+  targets = np.asarray(targets)
+  if targets.dtype.kind not in "iuf":
+    fail(f"regression targets must be numbers, found dtype {targets.dtype}.")
+  if targets.shape != (count,):
+    fail(
+      f"regression targets must have shape ({count},), one per graph, found "
+      f"{targets.shape}."
+    )
+  with np.errstate(over="ignore"):
+    as_float32 = targets.astype(np.float32, copy=False)
+  bad = ~np.isfinite(as_float32)
+  if bad.any():
+    first = int(np.argmax(bad))
+    fail(
+      f"regression target {first} = {targets[first]} is not a finite "
+      f"float32 ({int(bad.sum())} bad target(s))."
+    )
+  return as_float32
 
 
 def _check_disjoint(
@@ -468,6 +533,9 @@ def validate_node_dataset(
       fail(f"{name} selects no node.")
     masks[name] = mask
   _check_disjoint(masks, "node", fail)
+  split_fn = getattr(dataset, "split_fn", None)
+  if split_fn is not None and not callable(split_fn):
+    fail(f"split_fn must be None or callable, found {split_fn!r}.")
   if graph is dataset.graph and labels is dataset.labels:
     return dataset
   return dataclasses.replace(dataset, graph=graph, labels=labels)
@@ -539,9 +607,16 @@ def validate_graph_dataset(
   if len(dataset.graphs) == 0:
     fail("the dataset holds no graphs.")
   graphs = _checked_graphs(dataset.graphs, fail, named_graphs=True)
-  labels = _checked_labels(
-    dataset.labels, len(graphs), dataset.num_classes, "graph", fail
-  )
+  if dataset.task not in GRAPH_TASKS:
+    fail(f"task={dataset.task!r} is not one of {GRAPH_TASKS}.")
+  if dataset.task == "regression":
+    labels = _checked_targets(
+      dataset.labels, len(graphs), dataset.num_classes, fail
+    )
+  else:
+    labels = _checked_labels(
+      dataset.labels, len(graphs), dataset.num_classes, "graph", fail
+    )
   if len(dataset.folds) == 0:
     fail("the dataset has no folds.")
   folds, changed = [], False
