@@ -72,6 +72,14 @@ from lorap_jax._src.quantization import (
   update_ema,
   update_running,
 )
+from lorap_jax._src.sweep import (
+  SweepGrid,
+  SweepMetrics,
+  SweepPoint,
+  SweepResult,
+  make_sweep_run,
+  run_sweep,
+)
 from lorap_jax._src.train import (
   Batch,
   EvalBatch,
@@ -118,6 +126,10 @@ __all__ = [
   "QuantGINConv",
   "RangeState",
   "SparseFeatures",
+  "SweepGrid",
+  "SweepMetrics",
+  "SweepPoint",
+  "SweepResult",
   "TrainState",
   "add_self_loops",
   "affine_qparams",
@@ -147,6 +159,7 @@ __all__ = [
   "load_tu",
   "lorap_parameter_count",
   "make_budgets",
+  "make_sweep_run",
   "observe_minmax",
   "observe_percentile",
   "parameter_groups",
@@ -155,6 +168,7 @@ __all__ = [
   "quantize_to_codes",
   "resolve_data_dir",
   "round_to_integer",
+  "run_sweep",
   "segment_softmax",
   "symmetric_qparams",
   "train_and_evaluate",

@@ -23,6 +23,8 @@ CORE_NAMES = (
   "PromptConfig",
   "QuantConfig",
   "train_and_evaluate",
+  "run_sweep",
+  "SweepGrid",
   "load_dataset",
   "get_config",
   "kernels",

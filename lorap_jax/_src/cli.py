@@ -1,4 +1,4 @@
-"""The `lorap` command line: `lorap train ...`."""
+"""The `lorap` command line: `lorap train ...` and `lorap sweep ...`."""
 
 import argparse
 import ast
@@ -7,7 +7,7 @@ import sys
 
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import models, prompts
+from lorap_jax._src import models, prompts, sweep_cli
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
 from lorap_jax._src.data import DATASET_NAMES
@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     action="store_true",
     help="continue the run saved in --workdir from its checkpoints",
   )
+  sweep_cli.add_parser(commands)
   return parser
 
 
@@ -204,6 +205,8 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  if args.command == "sweep":
+    return sweep_cli.main(args)
   try:
     config = build_config(args)
     if args.download:

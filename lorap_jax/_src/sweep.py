@@ -1,0 +1,772 @@
+"""Hyper-parameter sweeps as one vmapped, jit-compiled program per structure.
+
+Numeric hyper-parameters (seed, learning rates, weight decay, bit width)
+are arrays: a whole grid of them trains at once as
+``jax.jit(jax.vmap(run_one))(points)``, where `run_one` initialises from
+its seed, writes its learning rates and weight decay into the optimizer's
+injected hyper-parameters, and scans over the epochs (train step, then
+evaluation, then the validation selection), all inside one program.
+Structural choices (prompt rank, number of prompts, hidden width, layers)
+change shapes, so they loop in Python with one compile each.
+
+A swept configuration follows `train_and_evaluate`'s run: the same keys
+(``split(key(seed))``, ``fold_in(dropout_key, epoch)``), the same steps and
+the same selection rule (the first epoch of best validation accuracy, or of
+lowest validation loss). Unvmapped, `run_one` reproduces the library's run
+exactly on CPU. The batched program is compiled differently (XLA fuses and
+orders the same arithmetic differently for [chunk, ...] shapes), so its
+floats can differ in the last bit: FP32 runs agree to that rounding, while
+in quantized training such a bit can move a value across a rounding
+boundary, after which the run follows a different, equally valid
+trajectory (like another summation order would).
+"""
+
+import collections
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import numbers
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from lorap_jax._src import data as data_lib
+from lorap_jax._src import quantization as q
+from lorap_jax._src import train as train_lib
+
+# Numeric axes: arrays inside one compiled program.
+NUMERIC_AXES = (
+  "seed",
+  "learning_rate",
+  "prompt_learning_rate",
+  "weight_decay",
+  "bits",
+)
+# Structural axes -> the config field each sets (one compile per value).
+STRUCTURAL_AXES = {
+  "rank": "prompt.rank",
+  "num_prompts": "prompt.num_prompts",
+  "hidden": "model.hidden",
+  "num_layers": "model.num_layers",
+}
+# Where a numeric axis takes its value when the grid leaves it out.
+_CONFIG_FIELDS = {
+  "learning_rate": "train.learning_rate",
+  "prompt_learning_rate": "prompt.learning_rate",
+  "weight_decay": "train.weight_decay",
+  "bits": "quant.bits",
+}
+AXES = NUMERIC_AXES + tuple(STRUCTURAL_AXES)
+_INTEGER_AXES = ("seed", "bits", *STRUCTURAL_AXES)
+# Frameworks whose bit width also sets static settings (Degree-Quant's INT4
+# defaults): their bits loop in Python like a structural axis.
+_STATIC_BITS_FRAMEWORKS = ("dq",)
+SWEEP_FRAMEWORKS = ("fp32", "qat", "dq", "a2q")
+
+CSV_NAME = "sweep.csv"
+BEST_NAME = "best.json"
+# Calls dispatched ahead of the one whose results are read, so the host
+# builds rows while the next call runs. Each holds its own buffers; more
+# in flight measured no faster on the 2-core CPU.
+_IN_FLIGHT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepGrid:
+  """The values of each swept axis; the grid is their cartesian product.
+
+  An axis left out (None) takes the config's value; `seed` then runs
+  ``range(config.seeds)``.
+
+  Attributes:
+    seed: run seeds (integers >= 0).
+    learning_rate: backbone learning rates (`train.learning_rate`).
+    prompt_learning_rate: prompt learning rates (`prompt.learning_rate`).
+    weight_decay: backbone L2 weight decay (`train.weight_decay`).
+    bits: bit widths, integers in 1..16 (`quant.bits`).
+    rank: LoRAP ranks r (structural).
+    num_prompts: prompt counts k (structural).
+    hidden: hidden widths (structural).
+    num_layers: message-passing layers (structural).
+
+  Examples:
+    >>> grid = SweepGrid.from_axes({"seed": [0, 1], "learning_rate": [0.01]})
+    >>> grid.seed, grid.learning_rate
+    ((0, 1), (0.01,))
+  """
+
+  seed: tuple[int, ...] | None = None
+  learning_rate: tuple[float, ...] | None = None
+  prompt_learning_rate: tuple[float, ...] | None = None
+  weight_decay: tuple[float, ...] | None = None
+  bits: tuple[int, ...] | None = None
+  rank: tuple[int, ...] | None = None
+  num_prompts: tuple[int, ...] | None = None
+  hidden: tuple[int, ...] | None = None
+  num_layers: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    for name in AXES:
+      values = getattr(self, name)
+      if values is not None:
+        object.__setattr__(self, name, _checked_axis(name, values))
+
+  @classmethod
+  def from_axes(cls, axes: Mapping[str, Sequence[Any]]) -> "SweepGrid":
+    """A grid from ``{axis name: values}``.
+
+    Raises:
+      ValueError: on an unknown axis name, an empty axis, or a bad value.
+    """
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+      raise ValueError(
+        f"unknown sweep axes {unknown}; known axes: {', '.join(AXES)}"
+      )
+    return cls(**dict(axes))
+
+  def resolve(self, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+    """Every axis's values, the config's where the grid leaves one out."""
+    values = {}
+    for name in AXES:
+      given = getattr(self, name)
+      if given is not None:
+        values[name] = given
+      elif name == "seed":
+        values[name] = tuple(range(config.seeds))
+      else:
+        path = _CONFIG_FIELDS.get(name) or STRUCTURAL_AXES[name]
+        values[name] = (_config_value(config, path),)
+    return values
+
+
+def _checked_axis(name: str, values) -> tuple:
+  """The axis as a tuple of Python numbers; refuses bad values."""
+  if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+    raise ValueError(f"sweep axis {name!r} must be a list of numbers")
+  values = tuple(values)
+  if not values:
+    raise ValueError(f"sweep axis {name!r} is empty; give at least one value")
+  checked = []
+  for value in values:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      raise ValueError(
+        f"sweep axis {name!r} has the non-numeric value {value!r}"
+      )
+    value = float(value)
+    if not math.isfinite(value):
+      raise ValueError(f"sweep axis {name!r} has the non-finite value {value}")
+    if name in _INTEGER_AXES:
+      if value != round(value):
+        raise ValueError(f"sweep axis {name!r} takes integers, not {value}")
+      value = int(value)
+    checked.append(value)
+  if name == "bits":
+    try:
+      q.check_bits(checked)
+    except ValueError as error:
+      raise ValueError(f"sweep axis 'bits': {error}") from error
+  minimum = 1 if name in STRUCTURAL_AXES else 0
+  low = [v for v in checked if v < minimum]
+  if low:
+    raise ValueError(f"sweep axis {name!r} has values below {minimum}: {low}")
+  if name == "seed" and max(checked) >= 2**32:
+    raise ValueError(f"sweep axis 'seed' takes values below 2**32: {checked}")
+  if len(set(checked)) != len(checked):
+    raise ValueError(f"sweep axis {name!r} repeats values: {checked}")
+  return tuple(checked)
+
+
+def _config_value(config, path: str):
+  node = config
+  for name in path.split("."):
+    node = node[name]
+  return node
+
+
+# ---------------------------------------------------------------------------
+# One run as a pure function of its numeric hyper-parameters.
+# ---------------------------------------------------------------------------
+
+
+class SweepPoint(NamedTuple):
+  """The numeric hyper-parameters of one run (scalars, or [n] stacked)."""
+
+  seed: jax.Array  # uint32
+  learning_rate: jax.Array  # float32
+  prompt_learning_rate: jax.Array  # float32
+  weight_decay: jax.Array  # float32
+  bits: jax.Array  # float32
+
+
+class SweepMetrics(NamedTuple):
+  """What one swept run reports (scalars, or [n] stacked).
+
+  Counts and sums are at the selected epoch (`train.selection`); divided by
+  the split's size on the host they give the accuracy and mean loss that
+  `train_and_evaluate` reports. A run whose training loss stops being
+  finite keeps the selection of the epochs before (`train_and_evaluate`
+  would stop there).
+  """
+
+  best_epoch: jax.Array  # int32
+  val_correct: jax.Array  # int32
+  val_loss_sum: jax.Array
+  test_correct: jax.Array  # int32
+  train_loss: jax.Array  # after the last epoch
+  diverged_epoch: jax.Array  # int32, first non-finite loss; -1: none
+
+
+def _with_hyperparameters(opt_state, point: SweepPoint):
+  """The optimizer state with the point's injected hyper-parameters.
+
+  `create_optimizer` wraps each group in `optax.inject_hyperparams`, whose
+  state holds the values as arrays; a group without them (a frozen
+  backbone's `set_to_zero`) is left alone.
+  """
+  values = {
+    "backbone": {
+      "learning_rate": point.learning_rate,
+      "weight_decay": point.weight_decay,
+    },
+    "prompt": {"learning_rate": point.prompt_learning_rate},
+  }
+  inner = dict(opt_state.inner_states)
+  for group, settings in values.items():
+    masked = inner[group]
+    hyperparams = getattr(masked.inner_state, "hyperparams", None)
+    if hyperparams is None:
+      continue
+    hyperparams = dict(hyperparams)
+    for name, value in settings.items():
+      hyperparams[name] = jnp.asarray(value, hyperparams[name].dtype)
+    inner[group] = masked._replace(
+      inner_state=masked.inner_state._replace(hyperparams=hyperparams)
+    )
+  return opt_state._replace(inner_states=inner)
+
+
+def make_sweep_run(
+  config: ml_collections.ConfigDict, model
+) -> Callable[..., SweepMetrics]:
+  """`run_one(point, graph, eval_batch) -> SweepMetrics` for one structure.
+
+  `run_one` trains one run from scratch: initialisation from
+  ``point.seed``, the point's hyper-parameters written into the optimizer
+  state, then a `lax.scan` over `train.epochs` epochs of `train_step`,
+  `eval_step` and the validation selection. It is pure and traceable:
+  `jax.jit` it for one run, or `jax.vmap` it over stacked points with the
+  graph and batch broadcast (``in_axes=(0, None, None)``; masks stacked
+  per run, ``EvalBatch(None, None, 0)``, where each seed has its split).
+
+  Args:
+    config: the structure's config (epochs, selection, optimizer groups).
+    model: the model `train.create_model(config, ...)` built.
+
+  Returns:
+    `run_one`, taking a `SweepPoint`, the graph and the `EvalBatch` of
+    `train.node_inputs`.
+  """
+  tx = train_lib._optimizer(config, steps_per_epoch=1)
+  epochs = config.train.epochs
+  by_loss = config.train.selection == "val_loss"
+
+  def run_one(point: SweepPoint, graph, eval_batch) -> SweepMetrics:
+    train_batch = train_lib.Batch(
+      graph, eval_batch.labels, eval_batch.masks["train"]
+    )
+    init_key, dropout_key = jax.random.split(jax.random.key(point.seed))
+    state = train_lib.create_train_state(model, tx, graph, init_key, point.bits)
+    state = state.replace(
+      opt_state=_with_hyperparameters(state.opt_state, point)
+    )
+
+    def epoch_fn(carry, epoch):
+      state, best, alive, diverged = carry
+      rng = jax.random.fold_in(dropout_key, epoch)
+      state, train_metrics = train_lib.train_step(state, train_batch, rng)
+      sums = train_lib.eval_step(state, eval_batch)
+      loss = train_metrics["loss"]
+      finite = jnp.isfinite(loss)
+      diverged = jnp.where(alive & ~finite, epoch, diverged)
+      alive = alive & finite
+      # The same order as `_Selector` on host: accuracy compares correct
+      # counts (the count is fixed) and loss compares loss sums, so the
+      # float64 division there cannot break a tie differently.
+      val = sums["val"]
+      score = -val["loss_sum"] if by_loss else val["correct"].astype(float)
+      candidate = (
+        epoch,
+        score,
+        val["correct"],
+        val["loss_sum"],
+        sums["test"]["correct"],
+      )
+      better = alive & ((epoch == 0) | (score > best[1]))
+      best = jax.tree.map(
+        lambda new, old: jnp.where(better, new, old), candidate, best
+      )
+      return (state, best, alive, diverged), loss
+
+    best = (
+      jnp.zeros((), jnp.int32),
+      jnp.full((), -jnp.inf),
+      jnp.zeros((), jnp.int32),
+      jnp.zeros(()),
+      jnp.zeros((), jnp.int32),
+    )
+    init = (state, best, jnp.ones((), bool), jnp.full((), -1, jnp.int32))
+    (state, best, _, diverged), losses = jax.lax.scan(
+      epoch_fn, init, jnp.arange(epochs, dtype=jnp.int32)
+    )
+    best_epoch, _, val_correct, val_loss_sum, test_correct = best
+    return SweepMetrics(
+      best_epoch=best_epoch,
+      val_correct=val_correct,
+      val_loss_sum=val_loss_sum,
+      test_correct=test_correct,
+      train_loss=losses[-1],
+      diverged_epoch=diverged,
+    )
+
+  return run_one
+
+
+# ---------------------------------------------------------------------------
+# The driver: structures in Python, numeric points vmapped in chunks.
+# ---------------------------------------------------------------------------
+
+
+class SweepResult(NamedTuple):
+  """What `run_sweep` returns (and writes to its workdir).
+
+  Attributes:
+    rows: one dict per configuration, in grid order: every axis's value,
+      then best_epoch, val_acc, val_loss, test_acc, train_loss and
+      diverged_epoch (the `sweep.csv` rows).
+    best: the best configuration's row by validation accuracy (ties: lower
+      validation loss, then grid order).
+    best_mean: the best hyper-parameters by validation accuracy averaged
+      over seeds: the axis values (without the seed) and the mean and
+      sample std of val_acc and test_acc.
+    compile_seconds: per structure, the seconds its program took to
+      compile (one compile per structural value).
+    run_seconds: per structure, the seconds its chunks took to run.
+  """
+
+  rows: list[dict[str, Any]]
+  best: dict[str, Any]
+  best_mean: dict[str, Any]
+  compile_seconds: list[float]
+  run_seconds: list[float]
+
+
+def check_sweep_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses configs the vmapped sweep does not cover.
+
+  Raises:
+    NotImplementedError: graph datasets, and MixQ (staged runs).
+    ValueError: anything `train_and_evaluate` would refuse.
+  """
+  if not data_lib.is_node_dataset(config.dataset):
+    raise NotImplementedError(
+      f"lorap sweep covers node-classification datasets (full batch) for "
+      f"now; {config.dataset!r} is a graph dataset: run its configurations "
+      "with `lorap train`"
+    )
+  if config.quant.framework not in SWEEP_FRAMEWORKS:
+    raise NotImplementedError(
+      f"lorap sweep covers the frameworks {SWEEP_FRAMEWORKS}; "
+      f"{config.quant.framework!r} trains in stages, run it with `lorap train`"
+    )
+  train_lib._validate(config)
+  if config.train.selection not in ("val_acc", "val_loss"):
+    raise ValueError(
+      f"selection={config.train.selection!r} is not one of "
+      "('val_acc', 'val_loss')"
+    )
+
+
+def _check_grid_for_config(config, values: Mapping[str, tuple]) -> None:
+  swept = {name for name, v in values.items() if len(v) > 1}
+  if config.train.lr_decay_every and swept & {
+    "learning_rate",
+    "prompt_learning_rate",
+  }:
+    raise ValueError(
+      "sweeping learning rates with a step decay (train.lr_decay_every="
+      f"{config.train.lr_decay_every}) is not supported: the decay schedule "
+      "is static; set train.lr_decay_every=0 or give one learning rate"
+    )
+  if config.quant.framework == "fp32" and "bits" in swept:
+    raise ValueError("sweep axis 'bits' has no effect with framework fp32")
+  if config.prompt.freeze_backbone and swept & {
+    "learning_rate",
+    "weight_decay",
+  }:
+    raise ValueError(
+      "sweep axes 'learning_rate' and 'weight_decay' have no effect with "
+      "prompt.freeze_backbone=True"
+    )
+  if config.prompt.kind == "none" and swept & {"rank", "num_prompts"}:
+    raise ValueError(
+      "sweep axes 'rank' and 'num_prompts' have no effect with prompt none"
+    )
+
+
+def _structural_names(config) -> tuple[str, ...]:
+  names = tuple(STRUCTURAL_AXES)
+  if config.quant.framework in _STATIC_BITS_FRAMEWORKS:
+    names += ("bits",)
+  return names
+
+
+def _points(values: Mapping[str, tuple], numeric: Sequence[str]) -> list:
+  """The cartesian product of the numeric axes, as a list of dicts."""
+  return [
+    dict(zip(numeric, combo, strict=True))
+    for combo in itertools.product(*(values[name] for name in numeric))
+  ]
+
+
+def _padded(points: Sequence[Mapping[str, Any]], size: int) -> list:
+  """`points` with the last repeated to `size` (the padding of a chunk)."""
+  return list(points) + [points[-1]] * (size - len(points))
+
+
+def _stack(points: Sequence[Mapping[str, Any]], size: int) -> SweepPoint:
+  """Points stacked to `size` rows; the last is repeated as padding."""
+  padded = _padded(points, size)
+
+  def column(name, dtype):
+    return np.asarray([p[name] for p in padded], dtype)
+
+  return SweepPoint(
+    seed=column("seed", np.uint32),
+    learning_rate=column("learning_rate", np.float32),
+    prompt_learning_rate=column("prompt_learning_rate", np.float32),
+    weight_decay=column("weight_decay", np.float32),
+    bits=column("bits", np.float32),
+  )
+
+
+class _SplitBatches:
+  """The evaluation batch of a chunk, and each seed's split sizes.
+
+  A fixed split (Planetoid) is one batch for every run. A dataset that
+  draws a split per seed (`dataset.random_split`, e.g. Amazon) gets masks
+  stacked per run, ``[chunk, n_nodes]``, as `train_and_evaluate` gives each
+  seed its own split.
+  """
+
+  def __init__(self, dataset, eval_batch: train_lib.EvalBatch):
+    self.dataset = dataset
+    self.eval_batch = eval_batch
+    self.per_seed = bool(getattr(dataset, "random_split", False))
+    self._masks: dict[int, dict[str, np.ndarray]] = {}
+
+  def masks(self, seed: int) -> Mapping[str, np.ndarray]:
+    if not self.per_seed:
+      return self.eval_batch.masks
+    if seed not in self._masks:
+      split = self.dataset.split_for_seed(seed)
+      self._masks[seed] = {
+        name: np.asarray(getattr(split, f"{name}_mask"))
+        for name in ("train", "val", "test")
+      }
+    return self._masks[seed]
+
+  def counts(self, seed: int) -> dict[str, int]:
+    masks = self.masks(seed)
+    return {name: max(int(np.sum(masks[name])), 1) for name in ("val", "test")}
+
+  def __call__(self, points, size: int) -> train_lib.EvalBatch:
+    if not self.per_seed:
+      return self.eval_batch
+    seeds = [p["seed"] for p in _padded(points, size)]
+    masks = {
+      name: np.stack([self.masks(seed)[name] for seed in seeds])
+      for name in ("train", "val", "test")
+    }
+    return self.eval_batch._replace(masks=masks)
+
+
+def _overridden(config, assignment: Mapping[str, Any]):
+  copy = ml_collections.ConfigDict(config.to_dict())
+  for name, value in assignment.items():
+    path = STRUCTURAL_AXES.get(name) or _CONFIG_FIELDS[name]
+    section, leaf = path.split(".")
+    copy[section][leaf] = value
+  return copy
+
+
+def run_sweep(
+  config: ml_collections.ConfigDict,
+  grid: SweepGrid | Mapping[str, Sequence[Any]],
+  workdir: str | os.PathLike | None = None,
+  *,
+  chunk_size: int | None = None,
+  progress: bool = False,
+) -> SweepResult:
+  """Trains every configuration of a grid; numeric axes vmapped in chunks.
+
+  Per structure (each combination of the structural axes' values) the
+  numeric points train as one `jax.jit(jax.vmap(run_one))` program, called
+  once per chunk of `chunk_size` points (the last chunk padded, so one
+  compile serves them all). With ``chunk_size=1`` the program is
+  `jax.jit(run_one)` itself, still compiled once and called per point
+  (exactly `train_and_evaluate`'s numbers on CPU). Each configuration is
+  the run `train_and_evaluate` would do for its config and seed; the sweep
+  writes no checkpoints or per-epoch logs.
+
+  On a CPU, batching does not pay for these models: the gathers and
+  scatter-adds of message passing dominate, and XLA runs them no faster
+  per configuration batched than alone (README, *Sweeps*), so the default
+  there is one configuration per call.
+
+  Args:
+    config: the base config (node dataset; framework fp32, qat, dq or a2q).
+      Fields a grid axis leaves out keep the config's value.
+    grid: a `SweepGrid`, or ``{axis: values}`` (see `AXES`).
+    workdir: where to write `sweep.csv`, `best.json` and `config.json`
+      (created); None writes nothing.
+    chunk_size: configurations per compiled call (memory grows with it);
+      None: 1 on a CPU, else all of a structure's points in one call.
+    progress: show a progress bar over configurations on stderr.
+
+  Returns:
+    A `SweepResult`.
+
+  Raises:
+    ValueError: on a bad grid (unknown or empty axis, non-numeric values,
+      bits outside 1..16) or config, or a chunk size below 1.
+    NotImplementedError: graph datasets and MixQ.
+  """
+  if not isinstance(grid, SweepGrid):
+    grid = SweepGrid.from_axes(grid)
+  if chunk_size is not None and (
+    isinstance(chunk_size, bool)
+    or not isinstance(chunk_size, int)
+    or chunk_size < 1
+  ):
+    raise ValueError(f"{chunk_size=} must be an integer >= 1 or None")
+  check_sweep_config(config)
+  values = grid.resolve(config)
+  _check_grid_for_config(config, values)
+  structural = _structural_names(config)
+  numeric = tuple(name for name in NUMERIC_AXES if name not in structural)
+  structures = _points(values, structural)
+  points = _points(values, numeric)
+  # Every structure must build before anything trains.
+  configs = [_overridden(config, s) for s in structures]
+  for structure_config in configs:
+    train_lib._validate(structure_config)
+  workdir = _prepare(workdir, config)
+
+  dataset = data_lib.load_dataset(
+    config.dataset,
+    config.data_dir or None,
+    **train_lib._dataset_options(config),
+  )
+  graph, eval_batch = train_lib.node_inputs(dataset, config)
+  split_batches = _SplitBatches(dataset, eval_batch)
+  if chunk_size is None:
+    chunk_size = 1 if jax.default_backend() == "cpu" else len(points)
+  size = min(chunk_size, len(points))
+  rows, compile_seconds, run_seconds = [], [], []
+  total = len(structures) * len(points)
+  with tqdm.tqdm(total=total, disable=not progress, unit="run") as bar:
+    for structure, structure_config in zip(structures, configs, strict=True):
+      model = train_lib.create_model(
+        structure_config, num_classes=dataset.num_classes, task="node"
+      )
+      data_lib.validate_prompt_sizes(
+        model.prompt,
+        input_width=dataset.num_features,
+        aggregate_widths=model.aggregate_widths(dataset.num_features),
+      )
+      full = [{**point, **structure} for point in points]
+      chunks = [full[i : i + size] for i in range(0, len(full), size)]
+      run_chunk, seconds = _compile(
+        structure_config, model, *_inputs(chunks[0], size, split_batches), graph
+      )
+      compile_seconds.append(seconds)
+      start = time.perf_counter()
+      pending = collections.deque()
+      for chunk in chunks:
+        points_in, batch_in = _inputs(chunk, size, split_batches)
+        # Dispatch is asynchronous: the next calls queue while this runs.
+        pending.append((chunk, run_chunk(points_in, graph, batch_in)))
+        if len(pending) > _IN_FLIGHT:
+          rows += _collect(*pending.popleft(), split_batches, bar)
+      while pending:
+        rows += _collect(*pending.popleft(), split_batches, bar)
+      run_seconds.append(time.perf_counter() - start)
+  best, best_mean = select_best(rows)
+  result = SweepResult(rows, best, best_mean, compile_seconds, run_seconds)
+  if workdir is not None:
+    write_results(result, workdir)
+  return result
+
+
+def _collect(chunk, outputs, split_batches, bar) -> list[dict[str, Any]]:
+  """The CSV rows of a finished call (waits for its results)."""
+  metrics = jax.device_get(outputs)
+  if np.ndim(metrics.best_epoch) == 0:  # One unvmapped run.
+    metrics = jax.tree.map(lambda x: np.asarray(x)[None], metrics)
+  rows = []
+  for i, point in enumerate(chunk):
+    row = {name: point[name] for name in AXES}
+    row.update(_row_metrics(metrics, i, split_batches.counts(point["seed"])))
+    rows.append(row)
+  bar.update(len(rows))
+  return rows
+
+
+def _inputs(chunk, size: int, split_batches):
+  """A chunk's stacked points and evaluation batch (unstacked for 1)."""
+  points, batch = _stack(chunk, size), split_batches(chunk, size)
+  if size > 1:
+    return points, batch
+  points = jax.tree.map(lambda x: x[0], points)
+  if split_batches.per_seed:
+    batch = batch._replace(masks={k: v[0] for k, v in batch.masks.items()})
+  return points, batch
+
+
+def _compile(config, model, example: SweepPoint, eval_batch, graph):
+  """The structure's program, compiled for `example`'s chunk size.
+
+  A stacked example gets the vmapped program, a single point `run_one`
+  itself. Returns the compiled callable and the seconds tracing and
+  compiling took.
+  """
+  # Compiled ahead of time: every chunk has the example's shapes (the last
+  # one is padded), and a compiled program refuses other shapes rather than
+  # silently tracing and compiling again, so a structure compiles once.
+  # (`chex.assert_max_traces` keys on the definition site, which every
+  # structure's `run_one` shares, so it cannot count per structure here.)
+  run_one = make_sweep_run(config, model)
+  if np.ndim(example.seed) == 0:
+    program = jax.jit(run_one)
+  else:
+    # Masks with a leading axis: each run has its seed's split.
+    per_run = eval_batch.masks["train"].ndim == 2
+    batch_axes = train_lib.EvalBatch(None, None, 0) if per_run else None
+    program = jax.jit(jax.vmap(run_one, in_axes=(0, None, batch_axes)))
+  start = time.perf_counter()
+  compiled = program.lower(example, graph, eval_batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _row_metrics(metrics: SweepMetrics, i: int, counts) -> dict[str, Any]:
+  """Run `i`'s CSV metrics; float64 division, as `summarize_eval`."""
+  return {
+    "best_epoch": int(metrics.best_epoch[i]),
+    "val_acc": int(metrics.val_correct[i]) / counts["val"],
+    "val_loss": float(metrics.val_loss_sum[i]) / counts["val"],
+    "test_acc": int(metrics.test_correct[i]) / counts["test"],
+    "train_loss": float(metrics.train_loss[i]),
+    "diverged_epoch": int(metrics.diverged_epoch[i]),
+  }
+
+
+def _prepare(workdir, config) -> pathlib.Path | None:
+  if workdir is None:
+    return None
+  workdir = pathlib.Path(workdir).absolute()
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  except OSError as error:
+    raise ValueError(f"workdir {workdir} is not writable: {error}") from error
+  return workdir
+
+
+def _order_key(row_index: int, val_acc: float, val_loss: float):
+  # Higher accuracy first, then lower loss, then grid order.
+  return (-val_acc, val_loss, row_index)
+
+
+def select_best(
+  rows: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The best row, and the best hyper-parameters averaged over seeds.
+
+  Both rank by validation accuracy, then lower validation loss, then grid
+  order (a NaN loss ranks last).
+
+  Returns:
+    `(best_row, best_mean)`; best_mean holds the axes except the seed, the
+    seeds, and the mean and sample std (ddof=1) of val_acc and test_acc.
+  """
+
+  def loss(value):
+    return math.inf if math.isnan(value) else value
+
+  best_index = min(
+    range(len(rows)),
+    key=lambda i: _order_key(i, rows[i]["val_acc"], loss(rows[i]["val_loss"])),
+  )
+  groups: dict[tuple, list[int]] = {}
+  for i, row in enumerate(rows):
+    key = tuple(row[name] for name in AXES if name != "seed")
+    groups.setdefault(key, []).append(i)
+
+  def summary(indices):
+    stats = {}
+    for metric in ("val_acc", "val_loss", "test_acc"):
+      values = np.asarray([rows[i][metric] for i in indices], np.float64)
+      stats[f"{metric}_mean"] = float(values.mean())
+      std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+      stats[f"{metric}_std"] = std
+    return stats
+
+  summaries = {key: summary(indices) for key, indices in groups.items()}
+  best_key = min(
+    summaries,
+    key=lambda key: _order_key(
+      groups[key][0],
+      summaries[key]["val_acc_mean"],
+      loss(summaries[key]["val_loss_mean"]),
+    ),
+  )
+  best_mean = {
+    name: rows[groups[best_key][0]][name] for name in AXES if name != "seed"
+  }
+  best_mean["seeds"] = [rows[i]["seed"] for i in groups[best_key]]
+  best_mean.update(summaries[best_key])
+  return dict(rows[best_index]), best_mean
+
+
+def write_results(result: SweepResult, workdir: str | os.PathLike) -> None:
+  """Writes `sweep.csv` (one row per configuration) and `best.json`."""
+  workdir = pathlib.Path(workdir)
+  with open(workdir / CSV_NAME, "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=list(result.rows[0]))
+    writer.writeheader()
+    writer.writerows(result.rows)
+  best = {
+    "best": result.best,
+    "best_mean_over_seeds": result.best_mean,
+    "num_configurations": len(result.rows),
+    "selection": (
+      "best: the configuration (seed included) of highest validation "
+      "accuracy, ties broken by lower validation loss, then grid order; "
+      "best_mean_over_seeds: the same ranking of the seed-averaged metrics; "
+      "each run's metrics are at its epoch selected by train.selection"
+    ),
+    "compile_seconds": result.compile_seconds,
+    "run_seconds": result.run_seconds,
+  }
+  (workdir / BEST_NAME).write_text(json.dumps(best, indent=2) + "\n")

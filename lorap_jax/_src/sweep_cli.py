@@ -1,0 +1,204 @@
+"""`lorap sweep`: a hyper-parameter grid trained as vmapped programs."""
+
+import argparse
+import pathlib
+import sys
+
+from lorap_jax._src import config as config_lib
+from lorap_jax._src import data as data_lib
+from lorap_jax._src import sweep as sweep_lib
+
+# Flag -> (grid axis, Python type of its values).
+_AXIS_FLAGS = {
+  "seeds": ("seed", int),
+  "lr": ("learning_rate", float),
+  "prompt_lr": ("prompt_learning_rate", float),
+  "weight_decay": ("weight_decay", float),
+  "bits": ("bits", int),
+  "rank": ("rank", int),
+  "num_prompts": ("num_prompts", int),
+  "hidden": ("hidden", int),
+  "layers": ("num_layers", int),
+}
+# Flag -> config path, for settings that are not swept.
+_FIXED_FLAGS = {
+  "model": "model.architecture",
+  "framework": "quant.framework",
+  "prompt": "prompt.kind",
+  "epochs": "train.epochs",
+  "selection": "train.selection",
+  "dropout": "model.dropout",
+  "data_dir": "data_dir",
+}
+
+
+def add_parser(commands) -> None:
+  """Adds the `sweep` subcommand to the `lorap` subparsers."""
+  sweep = commands.add_parser(
+    "sweep",
+    help="train a grid of hyper-parameters, vmapped (node tasks)",
+    description=(
+      "Trains every configuration of a grid: numeric axes (seeds, learning "
+      "rates, weight decay, bits) are arrays of one compiled program, "
+      "vmapped over --chunk-size runs per call; structural axes (rank, "
+      "prompts, hidden, layers) compile once per value. Writes sweep.csv "
+      "(one row per configuration), best.json and config.json to "
+      "--workdir. An axis takes a comma-separated list (0.01,0.005) or, for "
+      "integers, a range START:STOP (0:4 = 0,1,2,3)."
+    ),
+  )
+  sweep.add_argument("--dataset", required=True, help="a node dataset")
+  sweep.add_argument("--workdir", required=True, help="output directory")
+  sweep.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
+  sweep.add_argument("--model", help="gcn, gin or gat")
+  sweep.add_argument(
+    "--framework",
+    help=f"one of {', '.join(sweep_lib.SWEEP_FRAMEWORKS)}",
+  )
+  sweep.add_argument("--prompt", help="none, gpf, gpf-plus, lorap, gpf-lorap")
+  sweep.add_argument("--epochs", type=int)
+  sweep.add_argument("--selection", help="val_acc or val_loss (per run)")
+  sweep.add_argument("--dropout", type=float)
+  sweep.add_argument("--seeds", help="run seeds, e.g. 0:4 or 0,3,7")
+  sweep.add_argument("--lr", help="backbone learning rates, e.g. 0.01,0.005")
+  sweep.add_argument("--prompt-lr", help="prompt learning rates")
+  sweep.add_argument("--weight-decay", help="backbone weight decays")
+  sweep.add_argument("--bits", help="bit widths, 1..16")
+  sweep.add_argument("--rank", help="LoRAP ranks r (structural)")
+  sweep.add_argument("--num-prompts", help="prompts k (structural)")
+  sweep.add_argument("--hidden", help="hidden widths (structural)")
+  sweep.add_argument("--layers", help="layer counts (structural)")
+  sweep.add_argument(
+    "--chunk-size",
+    type=int,
+    help="configurations per compiled (vmapped) call; memory grows with it "
+    "(default: 1 on a CPU, where batching does not pay, else all)",
+  )
+  sweep.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override any config field, e.g. --set quant.gradient=clipped",
+  )
+  sweep.add_argument(
+    "--no-progress", action="store_true", help="hide the progress bar"
+  )
+
+
+def parse_axis(flag: str, text: str, kind: type) -> list:
+  """Values of one axis flag: "a,b,c", or "start:stop" for integers.
+
+  Raises:
+    ValueError: on an empty list or a value that is not a number.
+  """
+  name = "--" + flag.replace("_", "-")
+  text = text.strip()
+  if kind is int and ":" in text:
+    start, _, stop = text.partition(":")
+    try:
+      values = list(range(int(start), int(stop)))
+    except ValueError as error:
+      raise ValueError(
+        f"{name}={text!r} must be START:STOP with integers"
+      ) from error
+    if not values:
+      raise ValueError(f"{name}={text!r} is an empty range")
+    return values
+  items = [item.strip() for item in text.split(",")]
+  if not text or not all(items):
+    raise ValueError(f"{name}={text!r} must be a comma-separated list")
+  values = []
+  for item in items:
+    try:
+      value = float(item)
+    except ValueError as error:
+      raise ValueError(f"{name}: {item!r} is not a number") from error
+    if kind is int:
+      if value != int(value):
+        raise ValueError(f"{name}: {item!r} is not an integer")
+      value = int(value)
+    values.append(value)
+  return values
+
+
+def build(args: argparse.Namespace):
+  """The base config and the grid of a `lorap sweep` command line.
+
+  Raises:
+    ValueError: on unknown names, bad values or a bad grid.
+  """
+  from lorap_jax._src import cli  # cli imports this module.
+
+  if args.dataset.lower() not in data_lib.DATASET_NAMES:
+    raise ValueError(
+      f"unknown dataset {args.dataset!r}; known: "
+      f"{', '.join(data_lib.DATASET_NAMES)}"
+    )
+  config = config_lib.get_config(args.dataset.lower())
+  for flag, path in _FIXED_FLAGS.items():
+    value = getattr(args, flag)
+    if value is not None:
+      cli._set(config, path, value)
+  for item in args.set:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r} must look like KEY=VALUE")
+    cli._set(config, key, cli._parse_value(raw))
+  cli._check_names(config)
+  axes = {}
+  for flag, (axis, kind) in _AXIS_FLAGS.items():
+    text = getattr(args, flag)
+    if text is not None:
+      axes[axis] = parse_axis(flag, text, kind)
+  return config, sweep_lib.SweepGrid.from_axes(axes)
+
+
+def format_result(result: sweep_lib.SweepResult) -> str:
+  """A short report: size, times and the best configurations."""
+  best, mean = result.best, result.best_mean
+  settings = ", ".join(
+    f"{name}={best[name]}" for name in sweep_lib.AXES if name != "seed"
+  )
+  return "\n".join(
+    [
+      f"{len(result.rows)} configurations; compile "
+      f"{sum(result.compile_seconds):.1f} s, train "
+      f"{sum(result.run_seconds):.1f} s",
+      f"  best run       seed {best['seed']}, {settings}: val "
+      f"{100 * best['val_acc']:.2f} %, test {100 * best['test_acc']:.2f} % "
+      f"(epoch {best['best_epoch']})",
+      "  best by mean   "
+      + ", ".join(
+        f"{name}={mean[name]}" for name in sweep_lib.AXES if name != "seed"
+      )
+      + f": val {100 * mean['val_acc_mean']:.2f} "
+      f"± {100 * mean['val_acc_std']:.2f} %, test "
+      f"{100 * mean['test_acc_mean']:.2f} ± {100 * mean['test_acc_std']:.2f} "
+      f"% ({len(mean['seeds'])} seeds)",
+    ]
+  )
+
+
+def main(args: argparse.Namespace) -> int:
+  """Runs `lorap sweep`; returns the exit status."""
+  try:
+    config, grid = build(args)
+    result = sweep_lib.run_sweep(
+      config,
+      grid,
+      args.workdir,
+      chunk_size=args.chunk_size,
+      progress=not args.no_progress,
+    )
+  except (
+    ValueError,
+    NotImplementedError,
+    FileNotFoundError,
+  ) as error:
+    print(f"lorap: error: {error}", file=sys.stderr)
+    return 2
+  print(format_result(result))
+  workdir = pathlib.Path(args.workdir)
+  print(f"  written to     {workdir / sweep_lib.CSV_NAME}")
+  return 0
