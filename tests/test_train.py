@@ -87,7 +87,7 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
   ("flags", "message"),
   [
-    (["--dataset=coraa"], "unknown dataset 'coraa'"),
+    (["--dataset=coraa"], "Unknown dataset 'coraa'"),
     (["--dataset=cora", "--model=sage"], "unknown model 'sage'"),
     (["--dataset=cora", "--framework=int4"], "unknown framework 'int4'"),
     (["--dataset=cora", "--prompt=lora"], "unknown prompt 'lora'"),
@@ -104,6 +104,15 @@ def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "lorap: error:" in err
   assert re.search(message, err), err
+
+
+def test_cli_keeps_the_case_of_npz_paths():
+  args = cli._parser().parse_args(
+    ["train", "--dataset=npz/Amazon_Photo.npz", "--workdir=w"]
+  )
+  assert cli.build_config(args).dataset == "npz/Amazon_Photo.npz"
+  args = cli._parser().parse_args(["train", "--dataset=CORA", "--workdir=w"])
+  assert cli.build_config(args).dataset == "cora"
 
 
 def test_cli_missing_data_dir_names_the_file(tmp_path, capsys):

@@ -110,11 +110,10 @@ def build_config(args: argparse.Namespace):
   Raises:
     ValueError: on unknown names or out-of-range values.
   """
-  if args.dataset.lower() not in DATASET_NAMES:
-    raise ValueError(
-      f"unknown dataset {args.dataset!r}; known: {', '.join(DATASET_NAMES)}"
-    )
-  config = config_lib.get_config(args.dataset.lower())
+  # Refuses unknown names; npz/<file>.npz paths keep their case.
+  data_lib.is_node_dataset(args.dataset)
+  name = args.dataset
+  config = config_lib.get_config(name if "/" in name else name.lower())
   for flag, (path, _) in _FLAG_TO_CONFIG.items():
     value = getattr(args, flag)
     if value is not None:
