@@ -326,6 +326,13 @@ def _optimizer(config, *, steps_per_epoch: int):
   return _cached_optimizer(config.to_json(), steps_per_epoch)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model: models.GNN, rng, graph, bits):
+  # One compiled program rather than hundreds of eager ops, and one per
+  # model (modules hash by value): seeds and folds reuse it.
+  return model.init(rng, graph, bits=bits, train=False)
+
+
 def create_train_state(
   model: models.GNN,
   tx: optax.GradientTransformation,
@@ -350,9 +357,7 @@ def create_train_state(
       weights, i.e. calibrated on the trained model.
   """
   bits = jnp.asarray(bits, jnp.float32)
-  # One compiled program rather than hundreds of eager ops (each compiled).
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = init(rng, graph, bits=bits)
+  variables = _init_variables(model, rng, graph, bits)
   if start_from is not None:
     _, created = model.apply(
       {**variables, **start_from},
