@@ -25,6 +25,8 @@ CORE_NAMES = (
   "train_and_evaluate",
   "run_sweep",
   "SweepGrid",
+  "export_integer_model",
+  "integer_forward",
   "load_dataset",
   "get_config",
   "kernels",
