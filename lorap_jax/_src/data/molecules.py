@@ -51,6 +51,7 @@ from lorap_jax._src.data.files import (
   require_file,
   resolve_data_dir,
 )
+from lorap_jax._src.data.npz import NUMPY_PICKLE_GLOBALS
 from lorap_jax._src.data.validation import validate_graph_dataset
 
 NAME = "aqsol"
@@ -60,16 +61,6 @@ _CSV = "aqsol/curated-solubility-dataset.csv"
 _EXTRA_HINT = (
   "Building the AqSol training graphs needs RDKit: "
   "pip install 'lorap_jax[datasets]' (or pip install rdkit)."
-)
-_NUMPY_GLOBALS = frozenset(
-  {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-  }
 )
 
 
@@ -83,7 +74,7 @@ class _AqSolUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     if name == "Dictionary":
       return _Dictionary
-    if (module, name) not in _NUMPY_GLOBALS:
+    if (module, name) not in NUMPY_PICKLE_GLOBALS:
       raise pickle.UnpicklingError(
         f"refusing to unpickle {module}.{name}: the AqSol pickles hold only "
         "numpy arrays and Dictionary objects"

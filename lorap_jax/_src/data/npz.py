@@ -74,7 +74,8 @@ _SPARSE_MODULES = (
   "scipy.sparse.csc",
   "scipy.sparse._csc",
 )
-_NUMPY_GLOBALS = frozenset(
+# The numpy objects a pickled array may name (shared with molecules.py).
+NUMPY_PICKLE_GLOBALS = frozenset(
   {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -94,7 +95,7 @@ class _MatrixUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     if module in _SPARSE_MODULES and name in _SPARSE_CLASSES:
       return _SPARSE_CLASSES[name]
-    if (module, name) not in _NUMPY_GLOBALS:
+    if (module, name) not in NUMPY_PICKLE_GLOBALS:
       raise pickle.UnpicklingError(
         f"refusing to unpickle {module}.{name}: an .npz graph file may only "
         "hold numpy arrays and scipy sparse matrices"
