@@ -688,8 +688,8 @@ def _refuse_non_finite(loss, where: str, checkpointer) -> None:
   )
 
 
-def _finished_run(checkpointer, template) -> RunRecord | None:
-  """The record of a run a checkpointer saw finish, or None."""
+def _restore_finished(checkpointer, template):
+  """(record.json, selected state, last state) of a finished run, or None."""
   if checkpointer is None:
     return None
   done = checkpointer.finished_record()
@@ -699,6 +699,15 @@ def _finished_run(checkpointer, template) -> RunRecord | None:
   # The last epoch is always saved, so the final state is there too.
   _, last, _ = checkpointer.restore_latest(template)
   checkpointer.close()
+  return done, best, last
+
+
+def _finished_run(checkpointer, template) -> RunRecord | None:
+  """The record of a run a checkpointer saw finish, or None."""
+  finished = _restore_finished(checkpointer, template)
+  if finished is None:
+    return None
+  done, best, last = finished
   return RunRecord(
     done["best_epoch"],
     done["val_acc"],
@@ -819,11 +828,11 @@ def _train_node_runs_vmapped(
     train_metrics, sums = jax.device_get((train_metrics, sums))
     moved = []
     for i, (seed, selector) in enumerate(zip(seeds, selectors, strict=True)):
-      seed_train = jax.tree.map(lambda x, i=i: x[i], train_metrics)
+      seed_train = _seed_row(train_metrics, i)
       _refuse_non_finite(
         seed_train["loss"], f"seed {seed} at epoch {epoch}", checkpointer
       )
-      metrics = summarize_eval([jax.tree.map(lambda x, i=i: x[i], sums)])
+      metrics = summarize_eval([_seed_row(sums, i)])
       previous = selector.best
       selector.update(epoch, metrics, None)
       moved.append(selector.best is not previous)
@@ -844,8 +853,8 @@ def _train_node_runs_vmapped(
       selector.best[2]["val"]["accuracy"],
       selector.best[2]["test"]["accuracy"],
       times,
-      jax.tree.map(lambda x, i=i: x[i], selected),
-      last_state=jax.tree.map(lambda x, i=i: x[i], states),
+      _seed_row(selected, i),
+      last_state=_seed_row(states, i),
     )
     for i, selector in enumerate(selectors)
   ]
@@ -860,6 +869,11 @@ def _train_node_runs_vmapped(
   return records
 
 
+def _seed_row(tree, i: int):
+  """Seed `i`'s slice of a tree stacked over seeds."""
+  return jax.tree.map(lambda x: x[i], tree)
+
+
 def _take_rows(rows: np.ndarray, new, old):
   """Per leading index i, `new`'s slice where rows[i], else `old`'s."""
 
@@ -871,22 +885,18 @@ def _take_rows(rows: np.ndarray, new, old):
 
 def _finished_vmapped_runs(checkpointer, template) -> list[RunRecord] | None:
   """The records of vmapped seeds a checkpointer saw finish, or None."""
-  if checkpointer is None:
+  finished = _restore_finished(checkpointer, template)
+  if finished is None:
     return None
-  done = checkpointer.finished_record()
-  if done is None:
-    return None
-  selected = checkpointer.restore_best(template)
-  _, last, _ = checkpointer.restore_latest(template)
-  checkpointer.close()
+  done, selected, last = finished
   return [
     RunRecord(
       best_epoch,
       val_acc,
       test_acc,
       done["times"],
-      jax.tree.map(lambda x, i=i: x[i], selected),
-      last_state=jax.tree.map(lambda x, i=i: x[i], last),
+      _seed_row(selected, i),
+      last_state=_seed_row(last, i),
     )
     for i, (best_epoch, val_acc, test_acc) in enumerate(done["runs"])
   ]
