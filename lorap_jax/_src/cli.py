@@ -7,7 +7,7 @@ import sys
 
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import models, prompts, sweep_cli
+from lorap_jax._src import distributed, models, prompts, sweep_cli
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
 from lorap_jax._src.data import DATASET_NAMES
@@ -34,7 +34,28 @@ _FLAG_TO_CONFIG = {
   "folds": ("folds", int),
   "data_dir": ("data_dir", str),
   "vmap_seeds": ("vmap_seeds", bool),
+  "devices": ("devices", int),
 }
+
+
+def add_multi_host_flags(command: argparse.ArgumentParser) -> None:
+  """`--coordinator`, `--num-processes`, `--process-id` (jax.distributed)."""
+  group = command.add_argument_group(
+    "multi-host (run the same command on every host)"
+  )
+  group.add_argument("--coordinator", help="host:port of process 0")
+  group.add_argument("--num-processes", type=int, default=1)
+  group.add_argument("--process-id", type=int, default=0)
+
+
+def join_multi_host(args: argparse.Namespace) -> None:
+  """Starts `jax.distributed` when `--coordinator` is given."""
+  if args.coordinator:
+    distributed.initialize_multi_host(
+      args.coordinator, args.num_processes, args.process_id
+    )
+  elif args.num_processes != 1:
+    raise ValueError("--num-processes above 1 needs --coordinator host:port")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--seeds", type=int, help="runs (per fold)")
   train.add_argument("--folds", type=int, help="CV folds to run, 1..10")
   train.add_argument(
+    "--devices",
+    type=int,
+    help="graph tasks: devices each batch is split over (0: all)",
+  )
+  train.add_argument(
     "--vmap-seeds",
     action="store_true",
     default=None,
@@ -100,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     action="store_true",
     help="continue the run saved in --workdir from its checkpoints",
   )
-  sweep_cli.add_parser(commands)
+  for command in (train, sweep_cli.add_parser(commands)):
+    add_multi_host_flags(command)
   return parser
 
 
@@ -204,6 +231,11 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  try:
+    join_multi_host(args)
+  except ValueError as error:
+    print(f"lorap: error: {error}", file=sys.stderr)
+    return 2
   if args.command == "sweep":
     return sweep_cli.main(args)
   try:

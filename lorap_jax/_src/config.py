@@ -85,6 +85,9 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.seeds = 10 if node_task else 1
   config.folds = 10  # Graph tasks: how many of the 10 CV folds to run.
   config.vmap_seeds = False  # Node tasks: train all seeds in one program.
+  # Graph tasks: devices each batch is split over (data parallel); 0: all
+  # that JAX sees, n: the first n. Node tasks train on the first device.
+  config.devices = 0
 
   # --- Model --------------------------------------------------------------
   config.model = ml_collections.ConfigDict()

@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.sharding import PartitionSpec as P
 
 from lorap_jax._src import data as data_lib
+from lorap_jax._src import distributed
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
 
@@ -469,9 +471,10 @@ class _SplitBatches:
   seed its own split.
   """
 
-  def __init__(self, dataset, eval_batch: train_lib.EvalBatch):
+  def __init__(self, dataset, eval_batch: train_lib.EvalBatch, mesh):
     self.dataset = dataset
     self.eval_batch = eval_batch
+    self.mesh = mesh
     self.per_seed = bool(getattr(dataset, "random_split", False))
     self._masks: dict[int, dict[str, np.ndarray]] = {}
 
@@ -498,6 +501,8 @@ class _SplitBatches:
       name: np.stack([self.masks(seed)[name] for seed in seeds])
       for name in ("train", "val", "test")
     }
+    if size > 1:
+      masks = distributed.put(masks, distributed.split_leading(self.mesh))
     return self.eval_batch._replace(masks=masks)
 
 
@@ -516,6 +521,7 @@ def run_sweep(
   workdir: str | os.PathLike | None = None,
   *,
   chunk_size: int | None = None,
+  devices: int | Sequence[jax.Device] | None = None,
   progress: bool = False,
 ) -> SweepResult:
   """Trains every configuration of a grid; numeric axes vmapped in chunks.
@@ -532,7 +538,12 @@ def run_sweep(
   On a CPU, batching does not pay for these models: the gathers and
   scatter-adds of message passing dominate, and XLA runs them no faster
   per configuration batched than alone (README, *Sweeps*), so the default
-  there is one configuration per call.
+  there is one configuration per device per call.
+
+  Several devices split each call's configurations evenly along the mesh
+  axis ``"config"`` (`jax.shard_map`); a device with one configuration
+  runs `run_one` unvmapped, so each configuration gives the numbers it
+  gives alone on one device.
 
   Args:
     config: the base config (node dataset; framework fp32, qat, dq or a2q).
@@ -540,8 +551,11 @@ def run_sweep(
     grid: a `SweepGrid`, or ``{axis: values}`` (see `AXES`).
     workdir: where to write `sweep.csv`, `best.json` and `config.json`
       (created); None writes nothing.
-    chunk_size: configurations per compiled call (memory grows with it);
-      None: 1 on a CPU, else all of a structure's points in one call.
+    chunk_size: configurations per compiled call (memory grows with it),
+      rounded up to a multiple of the device count; None: one per device
+      on a CPU, else all of a structure's points in one call.
+    devices: the devices to spread configurations over: None or 0 for all
+      that JAX sees, a count (the first ones), or a list of devices.
     progress: show a progress bar over configurations on stderr.
 
   Returns:
@@ -561,6 +575,7 @@ def run_sweep(
   ):
     raise ValueError(f"{chunk_size=} must be an integer >= 1 or None")
   check_sweep_config(config)
+  mesh = distributed.device_mesh(distributed.CONFIG_AXIS, devices)
   values = grid.resolve(config)
   _check_grid_for_config(config, values)
   structural = _structural_names(config)
@@ -579,10 +594,11 @@ def run_sweep(
     **train_lib._dataset_options(config),
   )
   graph, eval_batch = train_lib.node_inputs(dataset, config)
-  split_batches = _SplitBatches(dataset, eval_batch)
+  graph, eval_batch = distributed.put_replicated((graph, eval_batch), mesh)
+  split_batches = _SplitBatches(dataset, eval_batch, mesh)
   if chunk_size is None:
     chunk_size = 1 if jax.default_backend() == "cpu" else len(points)
-  size = min(chunk_size, len(points))
+  size = distributed.round_up_to(min(chunk_size, len(points)), mesh.size)
   rows, compile_seconds, run_seconds = [], [], []
   total = len(structures) * len(points)
   with tqdm.tqdm(total=total, disable=not progress, unit="run") as bar:
@@ -598,7 +614,11 @@ def run_sweep(
       full = [{**point, **structure} for point in points]
       chunks = [full[i : i + size] for i in range(0, len(full), size)]
       run_chunk, seconds = _compile(
-        structure_config, model, *_inputs(chunks[0], size, split_batches), graph
+        structure_config,
+        model,
+        *_inputs(chunks[0], size, split_batches),
+        graph,
+        mesh,
       )
       compile_seconds.append(seconds)
       start = time.perf_counter()
@@ -614,7 +634,8 @@ def run_sweep(
       run_seconds.append(time.perf_counter() - start)
   best, best_mean = select_best(rows)
   result = SweepResult(rows, best, best_mean, compile_seconds, run_seconds)
-  if workdir is not None:
+  # Multi-host: every process holds the rows; process 0 writes them.
+  if workdir is not None and distributed.is_writer():
     write_results(result, workdir)
   return result
 
@@ -634,22 +655,48 @@ def _collect(chunk, outputs, split_batches, bar) -> list[dict[str, Any]]:
 
 
 def _inputs(chunk, size: int, split_batches):
-  """A chunk's stacked points and evaluation batch (unstacked for 1)."""
+  """A chunk's points and evaluation batch, on the sweep's devices.
+
+  Stacked along the configurations (split over the devices), unstacked
+  for a chunk of one on one device.
+  """
   points, batch = _stack(chunk, size), split_batches(chunk, size)
+  mesh = split_batches.mesh
   if size > 1:
-    return points, batch
+    return distributed.put(points, distributed.split_leading(mesh)), batch
   points = jax.tree.map(lambda x: x[0], points)
   if split_batches.per_seed:
     batch = batch._replace(masks={k: v[0] for k, v in batch.masks.items()})
   return points, batch
 
 
-def _compile(config, model, example: SweepPoint, eval_batch, graph):
+def _first(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def _one_per_device(run_one, per_run_masks: bool):
+  """`run_one` for a device's single configuration, unvmapped.
+
+  Unbatched, XLA compiles exactly the program a run alone gets, so each
+  configuration's numbers do not depend on the device count.
+  """
+
+  def run_first(points, graph, batch):
+    if per_run_masks:
+      batch = batch._replace(masks=_first(batch.masks))
+    metrics = run_one(_first(points), graph, batch)
+    return jax.tree.map(lambda x: x[None], metrics)
+
+  return run_first
+
+
+def _compile(config, model, example: SweepPoint, eval_batch, graph, mesh):
   """The structure's program, compiled for `example`'s chunk size.
 
-  A stacked example gets the vmapped program, a single point `run_one`
-  itself. Returns the compiled callable and the seconds tracing and
-  compiling took.
+  A stacked example gets the vmapped program (split over the devices of
+  `mesh` by `jax.shard_map` when there are several), a single point
+  `run_one` itself. Returns the compiled callable and the seconds tracing
+  and compiling took.
   """
   # Compiled ahead of time: every chunk has the example's shapes (the last
   # one is padded), and a compiled program refuses other shapes rather than
@@ -663,7 +710,24 @@ def _compile(config, model, example: SweepPoint, eval_batch, graph):
     # Masks with a leading axis: each run has its seed's split.
     per_run = eval_batch.masks["train"].ndim == 2
     batch_axes = train_lib.EvalBatch(None, None, 0) if per_run else None
-    program = jax.jit(jax.vmap(run_one, in_axes=(0, None, batch_axes)))
+    program = jax.vmap(run_one, in_axes=(0, None, batch_axes))
+    if mesh.size > 1:
+      if len(example.seed) == mesh.size:
+        program = _one_per_device(run_one, per_run)
+      split, whole = P(distributed.CONFIG_AXIS), P()
+      batch_specs = (
+        train_lib.EvalBatch(whole, whole, split) if per_run else whole
+      )
+      program = jax.shard_map(
+        program,
+        mesh=mesh,
+        in_specs=(split, whole, batch_specs),
+        out_specs=split,
+        # Every output is split, so there is no replication to check; the
+        # check would ask each `lax.cond` inside the layers for casts.
+        check_vma=False,
+      )
+    program = jax.jit(program)
   start = time.perf_counter()
   compiled = program.lower(example, graph, eval_batch).compile()
   return compiled, time.perf_counter() - start
@@ -685,6 +749,8 @@ def _prepare(workdir, config) -> pathlib.Path | None:
   if workdir is None:
     return None
   workdir = pathlib.Path(workdir).absolute()
+  if not distributed.is_writer():
+    return workdir
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

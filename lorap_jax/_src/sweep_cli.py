@@ -32,8 +32,8 @@ _FIXED_FLAGS = {
 }
 
 
-def add_parser(commands) -> None:
-  """Adds the `sweep` subcommand to the `lorap` subparsers."""
+def add_parser(commands) -> argparse.ArgumentParser:
+  """Adds the `sweep` subcommand to the `lorap` subparsers; returns it."""
   sweep = commands.add_parser(
     "sweep",
     help="train a grid of hyper-parameters, vmapped (node tasks)",
@@ -82,8 +82,14 @@ def add_parser(commands) -> None:
     help="override any config field, e.g. --set quant.gradient=clipped",
   )
   sweep.add_argument(
+    "--devices",
+    type=int,
+    help="devices to split configurations over (default: all JAX sees)",
+  )
+  sweep.add_argument(
     "--no-progress", action="store_true", help="hide the progress bar"
   )
+  return sweep
 
 
 def parse_axis(flag: str, text: str, kind: type) -> list:
@@ -189,6 +195,7 @@ def main(args: argparse.Namespace) -> int:
       grid,
       args.workdir,
       chunk_size=args.chunk_size,
+      devices=args.devices,
       progress=not args.no_progress,
     )
   except (

@@ -21,6 +21,7 @@ from lorap_jax._src import (
   a2q,
   checkpoints,
   degree_quant,
+  distributed,
   layers,
   mixq,
   models,
@@ -534,7 +535,10 @@ def seed_eval_batch(dataset, eval_batch: EvalBatch, seeds) -> EvalBatch:
   return eval_batch._replace(masks=jax.device_put(masks))
 
 
-def _graph_batches(dataset, indices, config, budgets, *, shuffle, rng):
+def _graph_batches(
+  dataset, indices, config, budgets, *, shuffle, rng, place=None
+):
+  """Padded training batches; `place` lays each out on the devices."""
   for batch in data_lib.iterate_batches(
     dataset,
     indices,
@@ -543,7 +547,22 @@ def _graph_batches(dataset, indices, config, budgets, *, shuffle, rng):
     shuffle=shuffle,
     rng=rng,
   ):
-    yield Batch(batch.graph, batch.labels, batch.graph_mask)
+    batch = Batch(batch.graph, batch.labels, batch.graph_mask)
+    yield batch if place is None else place(batch)
+
+
+def data_parallel_mesh(config) -> jax.sharding.Mesh:
+  """The mesh a graph task's batches are split over (`config.devices`)."""
+  return distributed.device_mesh(distributed.DATA_AXIS, config.devices)
+
+
+def _batch_placement(mesh):
+  """How batches go onto `mesh`: None (as they are) on one device."""
+  if mesh.size == 1:
+    return None
+  return functools.partial(
+    distributed.put, sharding=distributed.split_leading(mesh)
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -925,6 +944,11 @@ def _train_graph_run(
   state = create_train_state(
     model, tx, example.graph, init_key, config.quant.bits
   )
+  # Data parallel over several devices: the batch split, the state on all.
+  mesh = data_parallel_mesh(config)
+  place = _batch_placement(mesh)
+  if place is not None:
+    state = distributed.put_replicated(state, mesh)
   finished = _finished_run(checkpointer, state)
   if finished is not None:
     progress.update(config.train.epochs)
@@ -933,7 +957,7 @@ def _train_graph_run(
     name: [
       EvalBatch(b.graph, b.labels, {name: b.mask})
       for b in _graph_batches(
-        dataset, indices, config, budgets, shuffle=False, rng=rng
+        dataset, indices, config, budgets, shuffle=False, rng=rng, place=place
       )
     ]
     for name, indices in (("val", fold.val), ("test", fold.test))
@@ -948,7 +972,7 @@ def _train_graph_run(
   for epoch in range(loop.start_epoch, config.train.epochs):
     batches = list(
       _graph_batches(
-        dataset, fold.train, config, budgets, shuffle=True, rng=rng
+        dataset, fold.train, config, budgets, shuffle=True, rng=rng, place=place
       )
     )
 
@@ -1307,7 +1331,11 @@ def train_and_evaluate(
             records.append(record)
     else:
       folds = dataset.folds[: config.folds]
-      budgets = data_lib.make_budgets(dataset.graphs, config.train.batch_size)
+      budgets = data_lib.make_budgets(
+        dataset.graphs,
+        config.train.batch_size,
+        shards=data_parallel_mesh(config).size,
+      )
       total = len(folds) * config.seeds * epochs_per_run(config)
       run_graph, run_checkpointer = (
         (_train_mixq_graph_run, stage_checkpointers)

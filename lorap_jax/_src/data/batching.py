@@ -5,6 +5,7 @@ sizes (budgets), so that a jitted step compiles once per budget rather than
 once per batch shape.
 """
 
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -53,31 +54,40 @@ class GraphBatch(NamedTuple):
   node_mask: np.ndarray
 
 
-def _round_up(value: float) -> int:
-  """Rounds up to a positive multiple of `_SIZE_MULTIPLE`."""
-  return max(1, int(np.ceil(value / _SIZE_MULTIPLE))) * _SIZE_MULTIPLE
+def _round_up(value: float, multiple: int = _SIZE_MULTIPLE) -> int:
+  """Rounds up to a positive multiple of `multiple`."""
+  return max(1, int(np.ceil(value / multiple))) * multiple
 
 
-def _geometric_sizes(smallest: int, largest: int, count: int) -> list[int]:
+def _geometric_sizes(
+  smallest: int, largest: int, count: int, multiple: int
+) -> list[int]:
   """Returns `count` sizes spaced geometrically, rounded up, ending exactly.
 
   Args:
     smallest: The first size before rounding.
     largest: The last size before rounding; at least `smallest`.
     count: The number of sizes.
+    multiple: What the sizes are rounded up to a multiple of.
 
   Returns:
-    Non-decreasing multiples of `_SIZE_MULTIPLE`.
+    Non-decreasing multiples of `multiple`.
   """
   ratios = np.linspace(0.0, 1.0, count)
-  sizes = [_round_up(smallest * (largest / smallest) ** r) for r in ratios]
+  sizes = [
+    _round_up(smallest * (largest / smallest) ** r, multiple) for r in ratios
+  ]
   # Floating-point error must not push the largest budget past its bound.
-  sizes[-1] = _round_up(largest)
+  sizes[-1] = _round_up(largest, multiple)
   return [min(size, sizes[-1]) for size in sizes]
 
 
 def make_budgets(
-  graphs: Sequence[jraph.GraphsTuple], batch_size: int, num_budgets: int = 3
+  graphs: Sequence[jraph.GraphsTuple],
+  batch_size: int,
+  num_budgets: int = 3,
+  *,
+  shards: int = 1,
 ) -> tuple[PaddingBudget, ...]:
   """Chooses a few padding budgets that fit every batch of `graphs`.
 
@@ -92,20 +102,23 @@ def make_budgets(
     batch_size: The largest number of graphs in a batch.
     num_budgets: How many budgets to make; fewer come back when sizes
       coincide after rounding.
+    shards: Devices a batch is split over: every size is also a multiple
+      of it (the extra graphs are empty padding graphs).
 
   Returns:
-    Budgets in increasing order, each with ``n_graph = batch_size + 1``.
+    Budgets in increasing order, each with ``n_graph = batch_size + 1``
+    (rounded up to a multiple of `shards`).
 
   Raises:
-    ValueError: If `graphs` is empty or `batch_size` or `num_budgets` is
-      below 1.
+    ValueError: If `graphs` is empty or `batch_size`, `num_budgets` or
+      `shards` is below 1.
   """
   if not graphs:
     raise ValueError("make_budgets needs at least one graph, got none.")
-  if batch_size < 1 or num_budgets < 1:
+  if batch_size < 1 or num_budgets < 1 or shards < 1:
     raise ValueError(
-      f"batch_size and num_budgets must be at least 1, got {batch_size} and "
-      f"{num_budgets}."
+      "batch_size, num_budgets and shards must be at least 1, got "
+      f"{batch_size}, {num_budgets} and {shards}."
     )
   n_node = np.array([int(np.sum(g.n_node)) for g in graphs], dtype=np.int64)
   n_edge = np.array([int(np.sum(g.n_edge)) for g in graphs], dtype=np.int64)
@@ -120,11 +133,17 @@ def make_budgets(
   ]
   typical_nodes = max(n_node[s].sum() for s in samples) + 1
   typical_edges = max(n_edge[s].sum() for s in samples) + 1
-  node_sizes = _geometric_sizes(typical_nodes, worst_nodes, num_budgets)
-  edge_sizes = _geometric_sizes(typical_edges, worst_edges, num_budgets)
+  multiple = math.lcm(_SIZE_MULTIPLE, shards)
+  node_sizes = _geometric_sizes(
+    typical_nodes, worst_nodes, num_budgets, multiple
+  )
+  edge_sizes = _geometric_sizes(
+    typical_edges, worst_edges, num_budgets, multiple
+  )
+  n_graph = _round_up(batch_size + 1, shards)
   budgets = sorted(
     {
-      PaddingBudget(nodes, edges, batch_size + 1)
+      PaddingBudget(nodes, edges, n_graph)
       for nodes, edges in zip(node_sizes, edge_sizes, strict=True)
     }
   )
