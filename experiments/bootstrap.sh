@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (Python >= 3.12) in the repository root and installs
-# lorap_jax with its test and datasets extras (scikit-image and RDKit, about
-# 60 MB of wheels, which build MNIST superpixels and AqSol; their tests skip
-# without them). Safe to run again: it reuses the venv.
+# lorap_jax with its test, datasets and plots extras (scikit-image and RDKit,
+# about 60 MB of wheels, which build MNIST superpixels and AqSol; matplotlib
+# for the figures; their tests skip without them). Safe to run again: it
+# reuses the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,4 +33,4 @@ if [ ! -x .venv/bin/python ] || ! python_ok .venv/bin/python; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,datasets]"
+.venv/bin/python -m pip install --quiet -e ".[test,datasets,plots]"

@@ -43,6 +43,7 @@ from lorap_jax._src.integer_inference import (
   unpack_int4,
 )
 from lorap_jax._src.layers import (
+  INTERMEDIATES,
   QuantDense,
   QuantGATConv,
   QuantGCNConv,
@@ -55,6 +56,7 @@ from lorap_jax._src.layers import (
 from lorap_jax._src.models import GNN, ModelConfig, pool_graphs
 from lorap_jax._src.prompts import (
   GPF,
+  LORAP_POSITIONS,
   PROMPT_KINDS,
   GPFPlus,
   LoRAP,
@@ -114,6 +116,8 @@ __all__ = [
   "FRAMEWORKS",
   "GNN",
   "GPF",
+  "INTERMEDIATES",
+  "LORAP_POSITIONS",
   "POINT_NAMES",
   "PROMPT_KINDS",
   "QUANT_STATS",

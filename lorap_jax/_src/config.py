@@ -179,6 +179,9 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.prompt.num_prompts = 10  # k
   config.prompt.rank = 4  # r
   config.prompt.init = "lora"  # "lora" (no-op start) or "glorot".
+  # LoRAP after each aggregation ("post", the paper) or on each layer's
+  # input before aggregation ("pre", for comparison).
+  config.prompt.position = "post"
   # Prompts move in Adam steps of ~lr whatever the activation scale; at the
   # backbone's 0.01 they outgrow INT4 aggregates (~0.05) within a few
   # steps and saturate the re-quantizer, the known failure (lorap.md, 2).

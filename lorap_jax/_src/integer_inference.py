@@ -738,6 +738,11 @@ def _check_exportable(model: models.GNN, bits: int) -> None:
     )
   if bits < 2:
     raise ValueError(f"bits={bits} must be at least 2 for integer inference")
+  if model.prompt.uses_lorap and model.prompt.position != "post":
+    raise ValueError(
+      f"prompt position={model.prompt.position!r}: integer inference runs "
+      "LoRAP after the aggregation only ('post')"
+    )
 
 
 def _grid(stats: q.RangeState, bits: int, name: str) -> q.QParams:

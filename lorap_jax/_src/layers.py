@@ -27,6 +27,10 @@ import numpy as np
 from lorap_jax._src import a2q, mixq, quant_points
 from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
 
+# The collection where each layer sows the aggregate its update sees (after
+# LoRAP, where there is one): `models.GNN.apply(..., mutable=[INTERMEDIATES])`.
+INTERMEDIATES = "intermediates"
+
 # Signature: (s_hat [n_nodes, d], requantize | None) -> s_star [n_nodes, d],
 # where requantize(x) fake-quantizes x on the aggregate quantizer.
 PostAggregationFn = Callable[..., jax.Array]
@@ -208,14 +212,18 @@ def _aggregate_and_prompt(
   s_hat = layer.qpoint(
     "aggregate", aggregate, bits=bits, train=train, rows=rows
   )
-  if layer.prompt is None:
-    return s_hat
-  requantize = None
-  if layer.quant.active("aggregate"):
-    requantize = functools.partial(
-      layer.qpoint, "aggregate", bits=bits, train=train, rows=rows
-    )
-  return layer.prompt(s_hat, requantize)
+  s_star = s_hat
+  if layer.prompt is not None:
+    requantize = None
+    if layer.quant.active("aggregate"):
+      requantize = functools.partial(
+        layer.qpoint, "aggregate", bits=bits, train=train, rows=rows
+      )
+    s_star = layer.prompt(s_hat, requantize)
+  # What the update sees, for analysis (`apply(..., mutable=INTERMEDIATES)`);
+  # a no-op unless that collection is mutable.
+  layer.sow(INTERMEDIATES, "aggregate", s_star)
+  return s_star
 
 
 class _QuantLayer(nn.Module):

@@ -89,7 +89,7 @@ class GNN(nn.Module):
   per-node logits. Graph tasks: L hidden convs, a masked readout over each
   graph, then Linear-ReLU-dropout-Linear (both quantized), as Degree-Quant's
   GIN. GPF / GPF-plus act on the input features; LoRAP after every
-  aggregation.
+  aggregation, or (`prompt.position="pre"`) on every layer's input.
 
   Attributes:
     model: the architecture.
@@ -132,6 +132,7 @@ class GNN(nn.Module):
         # The node prompt is a parameter, not data: it goes in after the
         # input dropout, which would otherwise scatter it across features.
         graph = self._prompt_inputs(graph)
+      graph = self._prompt_layer_input(i, graph)
       if protection is not None and (
         protected is None or self.quant.protection.per_layer
       ):
@@ -179,10 +180,12 @@ class GNN(nn.Module):
 
     GCN and GAT aggregate the layer's transformed features (a node task's
     last layer: ``num_classes`` wide); GIN aggregates the layer's input, so
-    its first aggregate has the dataset's `num_features` columns.
+    its first aggregate has the dataset's `num_features` columns. With
+    ``prompt.position == "pre"`` LoRAP acts on every layer's input instead,
+    and these are the input widths.
     """
     widths = self._layer_widths()
-    if self.model.architecture == "gin":
+    if self.model.architecture == "gin" or self.prompt.position == "pre":
       return (num_features, *widths[:-1])
     return tuple(widths)
 
@@ -198,6 +201,30 @@ class GNN(nn.Module):
     else:
       x = prompts.GPFPlus(self.prompt.num_prompts, name="gpf_plus")(x)
     return graph._replace(nodes=x)
+
+  def _prompt_layer_input(
+    self, i: int, graph: jraph.GraphsTuple
+  ) -> jraph.GraphsTuple:
+    """LoRAP on layer i's input, when it acts before aggregation ("pre").
+
+    The prompted features go into the layer unquantized: its input
+    quantizer (where the framework has one there) puts them on its grid,
+    as the aggregate quantizer re-quantizes a post-aggregation prompt.
+    """
+    if self.prompt.position != "pre":
+      return graph
+    lorap = self._lorap(i)
+    if lorap is None:
+      return graph
+    x = graph.nodes
+    if isinstance(x, layers.SparseFeatures):
+      x = x.to_dense()  # The prompt makes every feature non-zero.
+    return graph._replace(nodes=lorap(x))
+
+  def _post_aggregation_prompt(self, i: int):
+    if self.prompt.position != "post":
+      return None
+    return self._lorap(i)
 
   def _lorap(self, i: int):
     if not self.prompt.uses_lorap:
@@ -229,7 +256,9 @@ class GNN(nn.Module):
   def _conv(self, i: int, width: int, last_layer: bool) -> nn.Module:
     cfg = self.model
     common = dict(
-      quant=self._layer_quant(i), prompt=self._lorap(i), name=f"conv_{i}"
+      quant=self._layer_quant(i),
+      prompt=self._post_aggregation_prompt(i),
+      name=f"conv_{i}",
     )
     if cfg.architecture == "gcn":
       return layers.QuantGCNConv(features=width, **common)

@@ -13,6 +13,9 @@ from lorap_jax.kernels.lorap_prompt import lorap_prompt
 PromptKind = Literal["none", "gpf", "gpf-plus", "lorap", "gpf-lorap"]
 PROMPT_KINDS = ("none", "gpf", "gpf-plus", "lorap", "gpf-lorap")
 LORAP_INITS = ("lora", "glorot")
+# Where LoRAP acts: after each aggregation (the paper's method), or on each
+# layer's input before it is aggregated (the ablation of lorap.md, 1).
+LORAP_POSITIONS = ("post", "pre")
 
 # Module-name prefixes of prompt parameters: the optimizer gives them their
 # own learning rate, and freezing the backbone masks everything else.
@@ -29,6 +32,14 @@ class PromptConfig:
     rank: r, the rank of LoRAP's basis P_A @ P_B.
     init: "lora" (P_B zero: the prompt starts as a no-op, the default) or
       "glorot" (both factors glorot, the GPF-plus style, for ablation).
+    position: where LoRAP acts: "post" (after every aggregation, on the
+      dequantized aggregate, re-quantized on its grid: the paper's method
+      and the default) or "pre" (the same module on every message-passing
+      layer's input, before the layer transforms and aggregates it; the
+      layer's input quantizer, where it has one, quantizes the prompted
+      features). "pre" is the ablation that `lorap.md` (1) argues cannot
+      fix the aggregation error: the prompt reaches the aggregate only
+      through A.
     implementation: the fused-prompt implementation: "auto" (the default;
       None means the same: triton on a CUDA GPU of compute capability >= 8.0,
       else pallas on a GPU, else xla), "xla", "pallas", "triton", or a tuple
@@ -39,6 +50,7 @@ class PromptConfig:
   num_prompts: int = 10
   rank: int = 4
   init: str = "lora"
+  position: str = "post"
   implementation: str | tuple[str, ...] | None = "auto"
 
   def __post_init__(self):
@@ -46,6 +58,10 @@ class PromptConfig:
       raise ValueError(f"prompt={self.kind!r} is not one of {PROMPT_KINDS}")
     if self.init not in LORAP_INITS:
       raise ValueError(f"init={self.init!r} is not one of {LORAP_INITS}")
+    if self.position not in LORAP_POSITIONS:
+      raise ValueError(
+        f"position={self.position!r} is not one of {LORAP_POSITIONS}"
+      )
     for name in ("num_prompts", "rank"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:

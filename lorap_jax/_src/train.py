@@ -198,6 +198,7 @@ def prompt_config(config: ml_collections.ConfigDict) -> prompts.PromptConfig:
     num_prompts=config.prompt.num_prompts,
     rank=config.prompt.rank,
     init=config.prompt.init,
+    position=config.prompt.get("position", "post"),
     implementation=config.prompt.implementation,
   )
 
