@@ -406,7 +406,7 @@ def test_reddit_budgets_fit_the_largest_graphs(load):
 
 
 def test_dataset_names():
-  assert len(data.DATASET_NAMES) == 17
+  assert len(data.DATASET_NAMES) == 18
   assert data.is_node_dataset("Cora")
   assert data.is_node_dataset("amazon-photo")
   assert data.is_node_dataset("npz/any_graph.npz")

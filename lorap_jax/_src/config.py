@@ -22,6 +22,10 @@ FRAMEWORKS = ("fp32", "qat", "dq", "a2q", "mixq")
 #   layers x 110, batch 128, Adam lr 1e-3, no weight decay or dropout, LR
 #   halved on plateau, here every 25 epochs), 4 seeds on the one fixed split.
 #   AqSol is regression: model selection on the validation MAE.
+# - CSBM: a generated graph (data/csbm.py) with Gaussian features, which row
+#   normalisation would distort; its sizes are the `csbm` section's. One
+#   seed: the graphs it is for are large. Neighbour-sampled runs take 1024
+#   seed nodes per batch.
 _BENCHMARKING_GNNS = {
   "seeds": 4,
   "folds": 1,
@@ -52,7 +56,11 @@ DATASET_DEFAULTS = {
   "tu-nci1": {},
   "mnist-superpixels": {**_BENCHMARKING_GNNS, "train.selection": "val_acc"},
   "aqsol": {**_BENCHMARKING_GNNS, "train.selection": "val_mae"},
+  "csbm": {"normalize_features": False, "seeds": 1, "train.batch_size": 1024},
 }
+
+# Node samplers of `config.train.sampler`.
+SAMPLERS = ("full", "neighbor")
 
 
 def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
@@ -80,6 +88,19 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.node_features = "auto"  # Graph sets: "auto", "tags" or "degree".
   config.normalize_features = True  # Planetoid row normalisation.
   config.sparse_input = True  # Multiply sparse features as COO when it pays.
+  if dataset.lower() == "csbm":
+    # The generated graph (lorap_jax.make_csbm's arguments).
+    config.csbm = ml_collections.ConfigDict()
+    config.csbm.num_nodes = 10_000
+    config.csbm.num_classes = 4
+    config.csbm.num_features = 32
+    config.csbm.average_degree = 10.0
+    config.csbm.homophily = 0.8
+    config.csbm.signal = 1.0
+    config.csbm.train_fraction = 0.1
+    config.csbm.val_fraction = 0.1
+    config.csbm.test_fraction = 0.8
+    config.csbm.seed = 0
 
   # --- Runs ---------------------------------------------------------------
   config.seeds = 10 if node_task else 1
@@ -201,7 +222,15 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.train.epochs = 200
   config.train.learning_rate = 0.01
   config.train.weight_decay = 5e-4 if node_task else 0.0
+  # Graph tasks: graphs per batch; neighbour-sampled node tasks: seed
+  # nodes per batch.
   config.train.batch_size = 128
+  # Node tasks: "full" (the whole graph every step) or "neighbor"
+  # (GraphSAGE-style mini-batches of sampled neighbourhoods, for graphs
+  # whose full-batch activations do not fit; data/sampling.py), with
+  # `fanouts[l]` in-neighbours per node at hop l + 1, one per layer.
+  config.train.sampler = "full"
+  config.train.fanouts = (10, 10)
   config.train.lr_decay_every = 0 if node_task else 50  # Epochs; 0: none.
   config.train.lr_decay_factor = 0.5
   # Model selection: "val_acc" (best validation accuracy, the earliest

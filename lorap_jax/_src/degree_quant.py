@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import jraph
 
+from lorap_jax._src.subgraph import subgraph_info
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DegreeProtection:
@@ -55,16 +57,23 @@ def in_degree_cdf(graph: jraph.GraphsTuple) -> jax.Array:
 
   Args:
     graph: a (possibly padded, batched) graph; ``n_node`` gives the graphs.
+      A neighbour-sampled subgraph (a `SubgraphInfo` in ``globals``) uses
+      its nodes' full-graph degrees, ranked among the subgraph's nodes.
 
   Returns:
     float32 [n_nodes] in (0, 1].
   """
   n_nodes = _num_nodes(graph)
-  degree = jax.ops.segment_sum(
-    jnp.ones(graph.receivers.shape, jnp.int32),
-    graph.receivers,
-    num_segments=n_nodes,
-  )
+  info = subgraph_info(graph)
+  if info is not None:
+    # A sampled subgraph: its nodes' degrees in the full graph.
+    degree = info.in_degree.astype(jnp.int32)
+  else:
+    degree = jax.ops.segment_sum(
+      jnp.ones(graph.receivers.shape, jnp.int32),
+      graph.receivers,
+      num_segments=n_nodes,
+    )
   n_graphs = graph.n_node.shape[0]
   graph_id = jnp.repeat(
     jnp.arange(n_graphs, dtype=jnp.int32),

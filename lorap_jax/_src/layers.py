@@ -26,6 +26,7 @@ import numpy as np
 
 from lorap_jax._src import a2q, mixq, quant_points
 from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
+from lorap_jax._src.subgraph import SubgraphInfo, subgraph_info
 
 # The collection where each layer sows the aggregate its update sees (after
 # LoRAP, where there is one): `models.GNN.apply(..., mutable=[INTERMEDIATES])`.
@@ -190,6 +191,47 @@ def gcn_normalization(
   return inv_sqrt[senders] * inv_sqrt[receivers]
 
 
+def sampled_gcn_normalization(
+  senders: jax.Array,
+  receivers: jax.Array,
+  info: SubgraphInfo,
+  *,
+  self_loops: bool = True,
+) -> jax.Array:
+  """GCN coefficients of a sampled subgraph from the full graph's degrees.
+
+  An edge s -> r gets (d_s + 1)^-1/2 (d_r + 1)^-1/2 * d_r / k_r, with d the
+  full graph's in-degrees (`info`) and k_r the in-edges of r in the
+  subgraph: the full graph's coefficient, scaled so that the sum over the
+  k_r sampled neighbours estimates the sum over all d_r without bias (the
+  GraphSAGE / VR-GCN neighbour-sampling estimator). Where every in-edge of
+  r was sampled (k_r = d_r) it is the full graph's coefficient exactly.
+  Without self-loops the +1 terms are dropped.
+
+  Args:
+    senders: int [n_edges] sampled edges, without self-loops.
+    receivers: int [n_edges].
+    info: the subgraph's full-graph degrees ([n_nodes]).
+    self_loops: whether the layer adds one self-loop per node.
+
+  Returns:
+    float32 [n_edges] (+ [n_nodes] self-loop coefficients, 1 / (d + 1),
+    appended when `self_loops`), aligned with `add_self_loops`' edges.
+  """
+  n_nodes = info.in_degree.shape[0]
+  sampled = jax.ops.segment_sum(
+    jnp.ones(receivers.shape, jnp.float32), receivers, num_segments=n_nodes
+  )
+  # Padding nodes have degree 0, so their (padding) in-edges weigh 0.
+  scale = jnp.where(sampled > 0, info.in_degree / jnp.maximum(sampled, 1.0), 0)
+  degree = info.in_degree + (1.0 if self_loops else 0.0)
+  inv_sqrt = jnp.where(degree > 0, jax.lax.rsqrt(jnp.maximum(degree, 1.0)), 0)
+  norm = inv_sqrt[senders] * inv_sqrt[receivers] * scale[receivers]
+  if not self_loops:
+    return norm
+  return jnp.concatenate([norm, inv_sqrt * inv_sqrt])
+
+
 def _aggregate_and_prompt(
   layer: "_QuantLayer",
   aggregate: jax.Array,
@@ -317,6 +359,9 @@ class QuantGCNConv(_QuantLayer):
   aggregate, output (after the bias), as Degree-Quant's GCNConvQuant (its
   separate "norm" point is not modelled).
 
+  A neighbour-sampled subgraph (``graph.globals`` a `SubgraphInfo`) is
+  normalised with the full graph's degrees (`sampled_gcn_normalization`).
+
   Attributes:
     features: output width.
     prompt: post-aggregation hook (a `LoRAP` module) or None.
@@ -346,9 +391,15 @@ class QuantGCNConv(_QuantLayer):
       features=self.features, use_bias=False, quant=self.quant, name="linear"
     )(graph.nodes, bits=bits, train=train, rows=rows)
     senders, receivers = graph.senders, graph.receivers
+    info = subgraph_info(graph)
+    if info is not None:
+      norm = sampled_gcn_normalization(
+        senders, receivers, info, self_loops=self.self_loops
+      )
     if self.self_loops:
       senders, receivers = add_self_loops(senders, receivers, n_nodes)
-    norm = gcn_normalization(senders, receivers, n_nodes)
+    if info is None:
+      norm = gcn_normalization(senders, receivers, n_nodes)
     messages = norm[:, None] * xw[senders]
     messages = self.qpoint(
       "message", messages, bits=bits, train=train, rows=rows.gather(senders)

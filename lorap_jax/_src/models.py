@@ -10,6 +10,7 @@ import jraph
 
 from lorap_jax._src import degree_quant, layers, prompts
 from lorap_jax._src import quant_points as qp
+from lorap_jax._src.subgraph import subgraph_info
 
 Architecture = Literal["gcn", "gin", "gat"]
 ARCHITECTURES = ("gcn", "gin", "gat")
@@ -121,6 +122,9 @@ class GNN(nn.Module):
     node_mask = None
     if cfg.task == "graph":
       node_mask = jraph.get_node_padding_mask(graph)
+    elif subgraph_info(graph) is not None:
+      # A padded, neighbour-sampled subgraph: padding sets no range.
+      node_mask = subgraph_info(graph).node_mask
     protection = self._protection_probability(graph, train)
     protected = None
     widths = self._layer_widths()

@@ -1205,6 +1205,15 @@ def _validate(config) -> None:
     value = section[name]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r} must be an integer >= 1")
+  sampler = config.train.get("sampler", "full")
+  if sampler not in config_lib.SAMPLERS:
+    raise ValueError(
+      f"train.sampler={sampler!r} is not one of {config_lib.SAMPLERS}"
+    )
+  if sampler == "neighbor":
+    from lorap_jax._src import sampled_training
+
+    sampled_training.check_sampled_config(config)
 
 
 def train_and_evaluate(
@@ -1216,7 +1225,9 @@ def train_and_evaluate(
 ) -> dict:
   """Trains and evaluates the config's model on its dataset.
 
-  Node datasets: `config.seeds` runs on the public split. Graph datasets:
+  Node datasets: `config.seeds` runs on the public split, full batch, or
+  on neighbour-sampled mini-batches with ``train.sampler="neighbor"``
+  (`sampled_training`, large graphs). Graph datasets:
   `config.folds` CV folds x `config.seeds` runs each. In every run the test
   accuracy is read at the epoch chosen on validation data
   (`config.train.selection`).
@@ -1287,7 +1298,16 @@ def train_and_evaluate(
     return lambda stage: checkpointer(f"{name}/{stage}")
 
   try:
-    if node_task:
+    if node_task and config.train.sampler == "neighbor":
+      # Imported here: it builds on this module (large graphs, mini-batches).
+      from lorap_jax._src import sampled_training
+
+      total = config.seeds * config.train.epochs
+      with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
+        records = sampled_training.train_node_runs(
+          model, config, dataset, log, bar, checkpointer
+        )
+    elif node_task:
       graph, eval_batch = node_inputs(dataset, config)
       total = config.seeds * epochs_per_run(config)
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
@@ -1419,6 +1439,8 @@ def _config_differences(saved: dict, current: dict, prefix="") -> list[str]:
 
 
 def _dataset_options(config) -> dict:
+  if "csbm" in config:  # A generated graph: its own settings.
+    return config.csbm.to_dict()
   if data_lib.is_node_dataset(config.dataset):
     return {"normalize_features": config.normalize_features}
   return {"node_features": config.node_features}

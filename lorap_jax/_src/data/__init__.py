@@ -8,6 +8,7 @@ from lorap_jax._src.data.batching import (
 )
 from lorap_jax._src.data.cache import CACHE_DIR_ENV, resolve_cache_dir
 from lorap_jax._src.data.containers import GRAPH_TASKS
+from lorap_jax._src.data.csbm import edge_homophily, make_csbm
 from lorap_jax._src.data.datasets import (
   DATASET_NAMES,
   NODE_FEATURE_OPTIONS,
@@ -39,6 +40,15 @@ from lorap_jax._src.data.npz import (
   random_per_class_split,
   read_npz_graph,
 )
+from lorap_jax._src.data.sampling import (
+  NeighborCSR,
+  NodeBatch,
+  in_neighbor_csr,
+  iterate_node_batches,
+  neighbor_budget,
+  sample_neighborhood,
+  sample_node_batch,
+)
 from lorap_jax._src.data.superpixels import load_mnist_superpixels
 from lorap_jax._src.data.validation import (
   canonical_edges,
@@ -60,13 +70,18 @@ __all__ = [
   "Fold",
   "GraphBatch",
   "GraphDataset",
+  "NeighborCSR",
+  "NodeBatch",
   "NodeDataset",
   "PaddingBudget",
   "canonical_edges",
   "download_file",
+  "edge_homophily",
   "fetch_dataset",
+  "in_neighbor_csr",
   "is_node_dataset",
   "iterate_batches",
+  "iterate_node_batches",
   "load_aqsol",
   "load_dataset",
   "load_gin_format",
@@ -75,11 +90,15 @@ __all__ = [
   "load_planetoid",
   "load_tu",
   "make_budgets",
+  "make_csbm",
+  "neighbor_budget",
   "random_per_class_split",
   "read_npz_graph",
   "require_file",
   "resolve_cache_dir",
   "resolve_data_dir",
+  "sample_neighborhood",
+  "sample_node_batch",
   "validate_graph_dataset",
   "validate_node_dataset",
   "validate_prompt_sizes",

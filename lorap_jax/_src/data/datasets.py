@@ -14,6 +14,9 @@ These on-disk formats are read, all from a local data directory (see
 * AqSol molecules (graph regression) from SMILES and benchmarking-gnns'
   pickles: `molecules`.
 
+``csbm`` reads no file: it generates a synthetic contextual stochastic block
+model of any size (`csbm.make_csbm`).
+
 Every graph comes back as a numpy `jraph.GraphsTuple` whose edges list both
 directions of every undirected edge, without self-loops or duplicates, sorted
 by (receiver, sender). Every loader checks its result with
@@ -83,10 +86,13 @@ TU_PARTS = ("A", "graph_indicator", "graph_labels", "node_labels")
 _NPZ_NAMES = ("amazon-photo", "amazon-computers")
 _MNIST_NAME = "mnist-superpixels"
 _AQSOL_NAME = "aqsol"
+# Generated, not read (csbm.make_csbm); no data directory needed.
+_CSBM_NAME = "csbm"
 
 DATASET_NAMES = (
   *_PLANETOID_NAMES,
   *_NPZ_NAMES,
+  _CSBM_NAME,
   *_GIN_DIRS,
   *_TU_DIRS,
   _MNIST_NAME,
@@ -1124,7 +1130,12 @@ def is_node_dataset(name: str) -> bool:
     ValueError: If `name` is not in `DATASET_NAMES` or ``npz/<file>.npz``.
   """
   key = _known_name(name)
-  return key in _PLANETOID_NAMES or key in _NPZ_NAMES or _is_npz_file_name(key)
+  return (
+    key in _PLANETOID_NAMES
+    or key in _NPZ_NAMES
+    or key == _CSBM_NAME
+    or _is_npz_file_name(key)
+  )
 
 
 def load_dataset(
@@ -1136,7 +1147,8 @@ def load_dataset(
     name: One of `DATASET_NAMES`, case-insensitive: ``cora``, ``citeseer``,
       ``pubmed`` (Planetoid); ``amazon-photo``, ``amazon-computers``, or
       ``npz/<file>.npz`` for any ``.npz`` graph in the data directory
-      (`npz.load_npz_graph`, a random split per seed); ``mutag``,
+      (`npz.load_npz_graph`, a random split per seed); ``csbm`` (a
+      synthetic graph, `csbm.make_csbm`; `data_dir` is not read); ``mutag``,
       ``proteins``, ``nci1``, ``imdb-binary``, ``imdb-multi``, ``ptc``,
       ``reddit-binary`` (GIN format); ``tu-mutag``, ``tu-proteins``,
       ``tu-nci1`` (TU raw text); ``mnist-superpixels``
@@ -1144,11 +1156,12 @@ def load_dataset(
       `molecules.load_aqsol`).
     data_dir: The data directory, or None for ``LORAP_DATA_DIR``.
     **options: Keyword options of the loader: `load_planetoid`,
-      `npz.load_npz_graph`, `load_gin_format`, `load_tu`,
+      `npz.load_npz_graph`, `csbm.make_csbm`, `load_gin_format`, `load_tu`,
       `superpixels.load_mnist_superpixels` or `molecules.load_aqsol`.
 
   Returns:
-    A `NodeDataset` for Planetoid and ``.npz`` names, else a `GraphDataset`.
+    A `NodeDataset` for Planetoid, ``.npz`` and ``csbm`` names, else a
+    `GraphDataset`.
 
   Raises:
     ValueError: If `name` or an option value is unknown.
@@ -1156,6 +1169,10 @@ def load_dataset(
     DataFileError: If a file is corrupt or malformed.
   """
   key = _known_name(name)
+  if key == _CSBM_NAME:
+    from lorap_jax._src.data import csbm
+
+    return csbm.make_csbm(**options)
   data_dir = resolve_data_dir(data_dir)
   if key in _PLANETOID_NAMES:
     return load_planetoid(key, data_dir, **options)
