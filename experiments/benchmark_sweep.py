@@ -20,6 +20,10 @@ epochs, trained
   `lax.scan`, one compile for all 32 runs, called per run. Above 1, chunks
   of that many runs vmapped in one program.
 
+With several devices (on a CPU: ``XLA_FLAGS=
+--xla_force_host_platform_device_count=2``), one more row splits the
+runs over all of them (`run_sweep`'s default), one run per device per call.
+
 Compile time is reported apart, and the speed-ups are given both ways:
 wall time with everything (compiles included in both), and train time only
 (compiles excluded from both).
@@ -75,14 +79,16 @@ def sequential_library(config) -> dict:
   }
 
 
-def vmapped_sweep(config, chunk_size: int) -> dict:
+def vmapped_sweep(config, chunk_size: int | None, devices: int | None) -> dict:
   grid = {
     "seed": SEEDS,
     "learning_rate": LEARNING_RATES,
     "prompt_learning_rate": PROMPT_LEARNING_RATES,
   }
   start = time.perf_counter()
-  result = lorap_jax.run_sweep(config, grid, chunk_size=chunk_size)
+  result = lorap_jax.run_sweep(
+    config, grid, chunk_size=chunk_size, devices=devices
+  )
   return {
     "compile": sum(result.compile_seconds),
     "train": sum(result.run_seconds),
@@ -124,7 +130,10 @@ def main():
       if chunk_size == 1
       else f"sweep, vmapped chunks of {chunk_size}"
     )
-    rows[name] = vmapped_sweep(config, chunk_size)
+    rows[name] = vmapped_sweep(config, chunk_size, devices=1)
+  if jax.device_count() > 1:
+    name = f"sweep, one run per device per call ({jax.device_count()} devices)"
+    rows[name] = vmapped_sweep(config, None, devices=None)
   baseline = next(iter(rows.values()))
   print(
     "\n| path | compile s | train s | wall s | runs/s (wall) "
