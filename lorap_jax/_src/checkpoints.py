@@ -117,3 +117,35 @@ class RunCheckpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def restore_selected(run_directory: pathlib.Path, template) -> Any:
+  """The validation-selected state of a finished run, read only.
+
+  Nothing is created or changed under `run_directory` (another run's
+  directory, e.g. the source of `post_train_prompts`).
+
+  Raises:
+    ValueError: if the run has no selected state there, or it does not
+      match `template`.
+  """
+  best = pathlib.Path(run_directory).absolute() / "best"
+  if not best.is_dir():
+    raise ValueError(f"no selected state (best/) in {run_directory}")
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(best, options=options) as manager:
+    epoch = manager.latest_step()
+    if epoch is None:
+      raise ValueError(f"no selected state (best/) in {run_directory}")
+    try:
+      restored = manager.restore(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
+      )
+    # Orbax reports a mismatched tree in several exception types.
+    except Exception as error:
+      raise ValueError(
+        f"the selected state in {best / str(epoch)} does not fit this "
+        f"model ({type(error).__name__}: {error})"
+      ) from error
+  return restored.state
