@@ -18,6 +18,9 @@ import pathlib
 import warnings
 from typing import Any
 
+import flax.serialization
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 RECORD = "record.json"
@@ -137,15 +140,39 @@ def restore_selected(run_directory: pathlib.Path, template) -> Any:
     epoch = manager.latest_step()
     if epoch is None:
       raise ValueError(f"no selected state (best/) in {run_directory}")
-    try:
-      restored = manager.restore(
-        epoch,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
-      )
-    # Orbax reports a mismatched tree in several exception types.
-    except Exception as error:
-      raise ValueError(
-        f"the selected state in {best / str(epoch)} does not fit this "
-        f"model ({type(error).__name__}: {error})"
-      ) from error
+    # Checked on the metadata first: a restore that fails half-way leaves
+    # open tensorstore handles behind.
+    _check_fits(best / str(epoch), template)
+    restored = manager.restore(
+      epoch,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
+    )
   return restored.state
+
+
+def _check_fits(step_directory: pathlib.Path, template) -> None:
+  """Raises ValueError unless the saved state has `template`'s variables
+  (names and shapes)."""
+  metadata = ocp.StandardCheckpointer().metadata(step_directory / "state")
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  saved = {
+    jax.tree_util.keystr(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  wanted = {
+    jax.tree_util.keystr(path): tuple(np.shape(leaf))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+      flax.serialization.to_state_dict(template)
+    )
+  }
+  # The model's variables, plain nested dicts in both trees (optimizer
+  # states name their tuples differently in orbax's metadata).
+  variables = ("['params']", "['quant_stats']", "['batch_stats']")
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name.startswith(variables) and saved.get(name) != wanted.get(name):
+      raise ValueError(
+        f"the selected state in {step_directory} does not fit this model: "
+        f"{name} is {saved.get(name, 'absent')} there, "
+        f"{wanted.get(name, 'absent')} here"
+      )
