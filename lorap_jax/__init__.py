@@ -64,6 +64,10 @@ from lorap_jax._src.layers import (
   segment_softmax,
 )
 from lorap_jax._src.models import GNN, ModelConfig, pool_graphs
+from lorap_jax._src.post_training import (
+  post_train_prompts,
+  post_training_config,
+)
 from lorap_jax._src.prompts import (
   GPF,
   LORAP_POSITIONS,
@@ -117,6 +121,7 @@ from lorap_jax._src.train import (
   cross_entropy_loss,
   eval_step,
   parameter_groups,
+  regression_loss,
   train_and_evaluate,
   train_step,
 )
@@ -211,9 +216,12 @@ __all__ = [
   "pack_int4",
   "parameter_groups",
   "pool_graphs",
+  "post_train_prompts",
+  "post_training_config",
   "quantize_multiplier",
   "quantize_point",
   "quantize_to_codes",
+  "regression_loss",
   "resolve_data_dir",
   "round_to_integer",
   "run_sweep",

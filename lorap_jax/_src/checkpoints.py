@@ -18,6 +18,9 @@ import pathlib
 import warnings
 from typing import Any
 
+import flax.serialization
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 RECORD = "record.json"
@@ -117,3 +120,59 @@ class RunCheckpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def restore_selected(run_directory: pathlib.Path, template) -> Any:
+  """The validation-selected state of a finished run, read only.
+
+  Nothing is created or changed under `run_directory` (another run's
+  directory, e.g. the source of `post_train_prompts`).
+
+  Raises:
+    ValueError: if the run has no selected state there, or it does not
+      match `template`.
+  """
+  best = pathlib.Path(run_directory).absolute() / "best"
+  if not best.is_dir():
+    raise ValueError(f"no selected state (best/) in {run_directory}")
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(best, options=options) as manager:
+    epoch = manager.latest_step()
+    if epoch is None:
+      raise ValueError(f"no selected state (best/) in {run_directory}")
+    # Checked on the metadata first: a restore that fails half-way leaves
+    # open tensorstore handles behind.
+    _check_fits(best / str(epoch), template)
+    restored = manager.restore(
+      epoch,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
+    )
+  return restored.state
+
+
+def _check_fits(step_directory: pathlib.Path, template) -> None:
+  """Raises ValueError unless the saved state has `template`'s variables
+  (names and shapes)."""
+  metadata = ocp.StandardCheckpointer().metadata(step_directory / "state")
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  saved = {
+    jax.tree_util.keystr(path): tuple(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+  wanted = {
+    jax.tree_util.keystr(path): tuple(np.shape(leaf))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+      flax.serialization.to_state_dict(template)
+    )
+  }
+  # The model's variables, plain nested dicts in both trees (optimizer
+  # states name their tuples differently in orbax's metadata).
+  variables = ("['params']", "['quant_stats']", "['batch_stats']")
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name.startswith(variables) and saved.get(name) != wanted.get(name):
+      raise ValueError(
+        f"the selected state in {step_directory} does not fit this model: "
+        f"{name} is {saved.get(name, 'absent')} there, "
+        f"{wanted.get(name, 'absent')} here"
+      )

@@ -1,4 +1,5 @@
-"""The `lorap` command line: `lorap train ...` and `lorap sweep ...`."""
+"""The `lorap` command line: `lorap train`, `lorap post-train` and
+`lorap sweep`."""
 
 import argparse
 import ast
@@ -7,7 +8,13 @@ import sys
 
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import distributed, models, prompts, sweep_cli
+from lorap_jax._src import (
+  distributed,
+  models,
+  post_training,
+  prompts,
+  sweep_cli,
+)
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
 from lorap_jax._src.data import DATASET_NAMES
@@ -27,6 +34,7 @@ _FLAG_TO_CONFIG = {
   "weight_decay": ("train.weight_decay", float),
   "batch_size": ("train.batch_size", int),
   "selection": ("train.selection", str),
+  "trainable": ("train.trainable", str),
   "hidden": ("model.hidden", int),
   "layers": ("model.num_layers", int),
   "dropout": ("model.dropout", float),
@@ -50,11 +58,13 @@ def add_multi_host_flags(command: argparse.ArgumentParser) -> None:
 
 def join_multi_host(args: argparse.Namespace) -> None:
   """Starts `jax.distributed` when `--coordinator` is given."""
-  if args.coordinator:
+  coordinator = getattr(args, "coordinator", None)  # post-train has none.
+  num_processes = getattr(args, "num_processes", 1)
+  if coordinator:
     distributed.initialize_multi_host(
-      args.coordinator, args.num_processes, args.process_id
+      coordinator, num_processes, args.process_id
     )
-  elif args.num_processes != 1:
+  elif num_processes != 1:
     raise ValueError("--num-processes above 1 needs --coordinator host:port")
 
 
@@ -94,7 +104,14 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--lr", type=float, help="backbone learning rate")
   train.add_argument("--weight-decay", type=float)
   train.add_argument("--batch-size", type=int, help="graph tasks")
-  train.add_argument("--selection", help="val_acc or val_loss")
+  train.add_argument(
+    "--selection", help="val_acc or val_loss; val_mae (regression)"
+  )
+  train.add_argument(
+    "--trainable",
+    help="all (default) or prompts: train only the prompts, the backbone "
+    "frozen at its initial values",
+  )
   train.add_argument("--hidden", type=int)
   train.add_argument("--layers", type=int)
   train.add_argument("--dropout", type=float)
@@ -126,9 +143,79 @@ def _parser() -> argparse.ArgumentParser:
     action="store_true",
     help="continue the run saved in --workdir from its checkpoints",
   )
+  _add_post_train_parser(commands)
   for command in (train, sweep_cli.add_parser(commands)):
     add_multi_host_flags(command)
   return parser
+
+
+# post-train flag -> (config path, type).
+_POST_TRAIN_FLAGS = {
+  "prompt": ("prompt.kind", str),
+  "rank": ("prompt.rank", int),
+  "num_prompts": ("prompt.num_prompts", int),
+  "prompt_lr": ("prompt.learning_rate", float),
+  "epochs": ("train.epochs", int),
+  "calibration_size": ("train.calibration_size", int),
+  "seeds": ("seeds", int),
+  "data_dir": ("data_dir", str),
+}
+
+
+def _add_post_train_parser(commands) -> None:
+  post = commands.add_parser(
+    "post-train",
+    help="train only the prompts of a trained model on a calibration set",
+    description=(
+      "Loads each seed's selected model from a finished `lorap train` "
+      "workdir (--from), adds prompts (fresh unless the run had the same "
+      "ones), and trains only the prompts on --calibration-size labelled "
+      "training nodes, the backbone and its quantizer ranges frozen. "
+      "Writes a new --workdir; the source is only read. Node tasks."
+    ),
+  )
+  post.add_argument(
+    "--from", dest="source", required=True, help="trained run's workdir"
+  )
+  post.add_argument("--workdir", required=True, help="new output directory")
+  post.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
+  post.add_argument("--prompt", help="gpf, gpf-plus, lorap, gpf-lorap")
+  post.add_argument("--rank", type=int, help="LoRAP rank r")
+  post.add_argument("--num-prompts", type=int, help="prompts k")
+  post.add_argument("--prompt-lr", type=float, help="prompt learning rate")
+  post.add_argument("--epochs", type=int, help="prompt-training epochs")
+  post.add_argument(
+    "--calibration-size",
+    type=int,
+    help="labelled training nodes per seed (default 35)",
+  )
+  post.add_argument("--seeds", type=int, help="seeds of the source run used")
+  post.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="override any config field but the backbone's",
+  )
+  post.add_argument(
+    "--no-progress", action="store_true", help="hide the progress bar"
+  )
+
+
+def build_post_train_config(args: argparse.Namespace):
+  """The source run's config, for its prompts, with the flags applied."""
+  config = post_training.post_training_config(args.source)
+  for flag, (path, _) in _POST_TRAIN_FLAGS.items():
+    value = getattr(args, flag)
+    if value is not None:
+      _set(config, path, value)
+  for item in args.set:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r} must look like KEY=VALUE")
+    _set(config, key, _parse_value(raw))
+  _check_names(config)
+  return config
 
 
 def build_config(args: argparse.Namespace):
@@ -211,16 +298,39 @@ def _epoch_time(milliseconds: float | None) -> str:
   return f"{milliseconds:.2f} ms (median)"
 
 
+def _headline_lines(summary: dict) -> list[str]:
+  runs = f"({summary['num_runs']} runs)"
+  if "test_mae_mean" in summary:  # Regression.
+    return [
+      f"  test MAE       {summary['test_mae_mean']:.4f} "
+      f"± {summary['test_mae_std']:.4f}  {runs}",
+      f"  val MAE        {summary['val_mae_mean']:.4f} "
+      f"± {summary['val_mae_std']:.4f}",
+    ]
+  lines = [
+    f"  test accuracy  {100 * summary['test_acc_mean']:.2f} "
+    f"± {100 * summary['test_acc_std']:.2f} %  {runs}",
+    f"  val accuracy   {100 * summary['val_acc_mean']:.2f} "
+    f"± {100 * summary['val_acc_std']:.2f} %",
+  ]
+  post = summary.get("post_training")
+  if post:
+    accs = [100 * a for a in post["initial_test_accs"]]
+    mean = sum(accs) / len(accs)
+    lines.append(
+      f"  before prompts {mean:.2f} % test (mean; "
+      f"{post['calibration_size']} calibration nodes per seed)"
+    )
+  return lines
+
+
 def format_summary(summary: dict) -> str:
   """A short human-readable report of a run."""
   bits = "FP32" if summary["bits"] is None else f"INT{summary['bits']}"
   lines = [
     f"{summary['dataset']} / {summary['model'].upper()} / {bits} "
     f"{summary['framework']} / prompt: {summary['prompt']}",
-    f"  test accuracy  {100 * summary['test_acc_mean']:.2f} "
-    f"± {100 * summary['test_acc_std']:.2f} %  ({summary['num_runs']} runs)",
-    f"  val accuracy   {100 * summary['val_acc_mean']:.2f} "
-    f"± {100 * summary['val_acc_std']:.2f} %",
+    *_headline_lines(summary),
     f"  epoch time     {_epoch_time(summary['epoch_time_ms_median'])}",
     f"  parameters     {summary['num_params']:,} "
     f"({summary['num_prompt_params']:,} in prompts)",
@@ -239,15 +349,15 @@ def main(argv: list[str] | None = None) -> int:
   if args.command == "sweep":
     return sweep_cli.main(args)
   try:
-    config = build_config(args)
-    if args.download:
-      for path in data_lib.fetch_dataset(
-        config.dataset, config.data_dir or None
-      ):
-        print(f"lorap: downloaded {path}", file=sys.stderr)
-    summary = train_lib.train_and_evaluate(
-      config, args.workdir, progress=not args.no_progress, resume=args.resume
-    )
+    if args.command == "post-train":
+      summary = post_training.post_train_prompts(
+        build_post_train_config(args),
+        args.source,
+        args.workdir,
+        progress=not args.no_progress,
+      )
+    else:
+      summary = _train(args)
   except (
     ValueError,
     FileNotFoundError,
@@ -259,6 +369,16 @@ def main(argv: list[str] | None = None) -> int:
   print(format_summary(summary))
   print(f"  written to     {pathlib.Path(args.workdir) / 'summary.json'}")
   return 0
+
+
+def _train(args) -> dict:
+  config = build_config(args)
+  if args.download:
+    for path in data_lib.fetch_dataset(config.dataset, config.data_dir or None):
+      print(f"lorap: downloaded {path}", file=sys.stderr)
+  return train_lib.train_and_evaluate(
+    config, args.workdir, progress=not args.no_progress, resume=args.resume
+  )
 
 
 if __name__ == "__main__":

@@ -208,7 +208,6 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   # steps and saturate the re-quantizer, the known failure (lorap.md, 2).
   config.prompt.learning_rate = 1e-3
   config.prompt.weight_decay = 0.0
-  config.prompt.freeze_backbone = False
   config.prompt.implementation = config_dict.placeholder(str)
 
   # --- Checkpoints (orbax, under <workdir>/checkpoints) --------------------
@@ -234,8 +233,27 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.train.lr_decay_every = 0 if node_task else 50  # Epochs; 0: none.
   config.train.lr_decay_factor = 0.5
   # Model selection: "val_acc" (best validation accuracy, the earliest
-  # epoch on ties) or "val_loss" (lowest validation loss, Degree-Quant).
+  # epoch on ties), "val_loss" (lowest validation loss, Degree-Quant) or
+  # "val_mae" (lowest validation MAE, regression tasks).
   config.train.selection = "val_acc" if node_task else "val_loss"
+  # Regression tasks (AqSol): "l1" (MAE, as benchmarking-gnns trains it) or
+  # "mse", in the targets' own units.
+  config.train.regression_loss = "l1"
+  # Regression: predict mean + std * output (the training targets' mean and
+  # std), so training starts at the mean predictor; MAE stays in the
+  # targets' units. False: the raw output, as benchmarking-gnns.
+  config.train.standardize_targets = True
+  # What the optimizer updates: "all" parameters, or "prompts" only (the
+  # backbone, learned quantizer parameters included, stays at its initial
+  # or loaded values; range statistics and BatchNorm averages still move).
+  config.train.trainable = "all"
+  # Whether training steps move the quantizer ranges (EMA, running or
+  # percentile) and BatchNorm averages. `lorap post-train` turns it off:
+  # the trained model's ranges are part of what it loads.
+  config.train.update_statistics = True
+  # `lorap post-train`: how many labelled training nodes (graphs) of each
+  # seed's training split the prompts are trained on, drawn per seed.
+  config.train.calibration_size = 35
 
   for path, value in DATASET_DEFAULTS.get(dataset.lower(), {}).items():
     *sections, leaf = path.split(".")

@@ -412,13 +412,13 @@ def _check_grid_for_config(config, values: Mapping[str, tuple]) -> None:
     )
   if config.quant.framework == "fp32" and "bits" in swept:
     raise ValueError("sweep axis 'bits' has no effect with framework fp32")
-  if config.prompt.freeze_backbone and swept & {
+  if config.train.trainable == "prompts" and swept & {
     "learning_rate",
     "weight_decay",
   }:
     raise ValueError(
       "sweep axes 'learning_rate' and 'weight_decay' have no effect with "
-      "prompt.freeze_backbone=True"
+      "train.trainable='prompts'"
     )
   if config.prompt.kind == "none" and swept & {"rank", "num_prompts"}:
     raise ValueError(

@@ -80,6 +80,15 @@ class TrainState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   # The model's quantization, for framework penalties in the loss.
   quant: qp.QuantConfig = flax.struct.field(pytree_node=False, default=qp.FP32)
+  # The training loss, one of LOSSES: classification or regression.
+  loss: str = flax.struct.field(pytree_node=False, default="cross_entropy")
+  # Regression: [shift, scale]; the prediction is shift + scale * output,
+  # so a network with outputs near 0 starts at the training mean. None:
+  # the output itself.
+  target_affine: jax.Array | None = None
+  # False: training steps keep the quantizer ranges and BatchNorm averages
+  # as they are (post-training a calibrated model).
+  update_statistics: bool = flax.struct.field(pytree_node=False, default=True)
 
   def variables(self) -> dict:
     return {
@@ -296,8 +305,6 @@ def create_optimizer(
     learning_rate=schedule(train.learning_rate),
     weight_decay=train.weight_decay,
   )
-  if config.prompt.freeze_backbone:
-    backbone = optax.set_to_zero()
   prompt = optax.inject_hyperparams(_adam_with_l2)(
     learning_rate=schedule(prompt_lr),
     weight_decay=config.prompt.weight_decay,
@@ -310,10 +317,27 @@ def create_optimizer(
     quantizer_groups[f"a2q_{group}"] = optax.inject_hyperparams(_adam_with_l2)(
       learning_rate=schedule(lr), weight_decay=0.0
     )
+  transforms = {"backbone": backbone, "prompt": prompt, **quantizer_groups}
   return optax.multi_transform(
-    {"backbone": backbone, "prompt": prompt, **quantizer_groups},
-    parameter_groups,
+    _trainable_transforms(transforms, train.trainable), parameter_groups
   )
+
+
+TRAINABLE = ("all", "prompts")
+
+
+def _trainable_transforms(transforms: dict, trainable: str) -> dict:
+  """`transforms` with every group but "prompt" zeroed when only prompts
+  train: the backbone and A2Q's learned quantizer parameters then get
+  zero updates (and keep no optimizer moments)."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f"train.trainable={trainable!r} is not one of {TRAINABLE}")
+  if trainable == "all":
+    return transforms
+  return {
+    group: transform if group == "prompt" else optax.set_to_zero()
+    for group, transform in transforms.items()
+  }
 
 
 @functools.cache
@@ -343,6 +367,9 @@ def create_train_state(
   bits,
   *,
   start_from: Mapping[str, Any] | None = None,
+  loss: str = "cross_entropy",
+  target_affine=None,
+  update_statistics: bool = True,
 ) -> TrainState:
   """Initialises parameters, quantizer ranges and the optimizer state.
 
@@ -357,7 +384,15 @@ def create_train_state(
       trained model to start from, e.g. MixQ's FP32 stage. Parameters it
       lacks (the quantizers') are created on `graph` as computed with its
       weights, i.e. calibrated on the trained model.
+    loss: the training loss (`LOSSES`): "cross_entropy" for
+      classification, "l1" or "mse" for regression (output column 0).
+    target_affine: regression: (shift, scale) of the predictions, e.g. the
+      training targets' mean and std; None: the raw output.
+    update_statistics: whether training steps update the quantizer ranges
+      and BatchNorm averages (`train.update_statistics`).
   """
+  if loss not in LOSSES:
+    raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
   bits = jnp.asarray(bits, jnp.float32)
   variables = _init_variables(model, rng, graph, bits)
   if start_from is not None:
@@ -381,6 +416,11 @@ def create_train_state(
     apply_fn=model.apply,
     tx=tx,
     quant=model.quant,
+    loss=loss,
+    target_affine=None
+    if target_affine is None
+    else jnp.asarray(target_affine, jnp.float32),
+    update_statistics=update_statistics,
   )
 
 
@@ -394,6 +434,76 @@ def cross_entropy_loss(*, logits, labels, mask) -> jax.Array:
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   weights = mask.astype(losses.dtype)
   return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+LOSSES = ("cross_entropy", "l1", "mse")
+REGRESSION_LOSSES = ("l1", "mse")
+
+
+def regression_loss(*, predictions, targets, mask, kind="l1") -> jax.Array:
+  """Mean absolute ("l1") or squared ("mse") error where `mask` is True."""
+  if kind not in REGRESSION_LOSSES:
+    raise ValueError(f"kind={kind!r} is not one of {REGRESSION_LOSSES}")
+  errors = _regression_errors(predictions, targets, kind)
+  weights = mask.astype(errors.dtype)
+  return jnp.sum(errors * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _regression_errors(predictions, targets, kind) -> jax.Array:
+  difference = predictions - targets
+  return jnp.abs(difference) if kind == "l1" else jnp.square(difference)
+
+
+def task_loss(config: ml_collections.ConfigDict, task: str) -> str:
+  """The training loss of a task: cross-entropy, or the regression loss.
+
+  Raises:
+    ValueError: on an unknown `train.regression_loss`, or a selection
+      criterion that does not fit the task (val_acc for regression, val_mae
+      for classification).
+  """
+  selection = config.train.selection
+  if task == "regression":
+    loss = config.train.regression_loss
+    if loss not in REGRESSION_LOSSES:
+      raise ValueError(
+        f"train.regression_loss={loss!r} is not one of {REGRESSION_LOSSES}"
+      )
+    if selection == "val_acc":
+      raise ValueError(
+        f"{config.dataset} is a regression task: selection='val_acc' has "
+        "no accuracy to select on; use 'val_mae' or 'val_loss'"
+      )
+    return loss
+  if selection == "val_mae":
+    raise ValueError(
+      f"selection='val_mae' needs a regression task; {config.dataset} is "
+      "classification: use 'val_acc' or 'val_loss'"
+    )
+  return "cross_entropy"
+
+
+def regression_predictions(outputs, target_affine) -> jax.Array:
+  """[n] predictions from [n, 1] outputs: shift + scale * output."""
+  if target_affine is None:
+    return outputs[:, 0]
+  return target_affine[0] + target_affine[1] * outputs[:, 0]
+
+
+def _loss_and_metric(state, outputs, labels, mask):
+  """(loss, {"accuracy" or "mae": ...}) of a batch."""
+  kind = state.loss
+  weight = jnp.maximum(jnp.sum(mask), 1)
+  if kind == "cross_entropy":
+    loss = cross_entropy_loss(logits=outputs, labels=labels, mask=mask)
+    correct = (jnp.argmax(outputs, -1) == labels) & mask
+    return loss, {"accuracy": jnp.sum(correct) / weight}
+  predictions = regression_predictions(outputs, state.target_affine)
+  loss = regression_loss(
+    predictions=predictions, targets=labels, mask=mask, kind=kind
+  )
+  absolute = jnp.where(mask, jnp.abs(predictions - labels), 0.0)
+  return loss, {"mae": jnp.sum(absolute) / weight}
 
 
 def quantization_penalty(quant: qp.QuantConfig, updates) -> jax.Array:
@@ -413,7 +523,8 @@ def quantization_penalty(quant: qp.QuantConfig, updates) -> jax.Array:
 
 @jax.jit
 def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-  """One optimizer step. Returns the new state and {"loss", "accuracy"}."""
+  """One optimizer step. Returns the new state and {"loss", "accuracy"}
+  ({"loss", "mae"} for a regression loss)."""
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -424,60 +535,71 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array):
       rngs={"dropout": rng, "protect": jax.random.fold_in(rng, 1)},
       mutable=MUTABLE,
     )
-    loss = cross_entropy_loss(
-      logits=logits, labels=batch.labels, mask=batch.mask
-    )
+    loss, metric = _loss_and_metric(state, logits, batch.labels, batch.mask)
     loss = loss + quantization_penalty(state.quant, updates)
-    return loss, (logits, updates)
+    return loss, (metric, updates)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (logits, updates)), grads = grad_fn(state.params)
+  (loss, (metric, updates)), grads = grad_fn(state.params)
   step_updates, opt_state = state.tx.update(
     grads, state.opt_state, state.params
   )
   new_state = state.replace(
     step=state.step + 1,
     params=optax.apply_updates(state.params, step_updates),
-    quant_stats=updates.get(qp.QUANT_STATS, state.quant_stats),
-    batch_stats=updates.get("batch_stats", state.batch_stats),
     opt_state=opt_state,
   )
-  correct = (jnp.argmax(logits, -1) == batch.labels) & batch.mask
-  accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(batch.mask), 1)
-  return new_state, {"loss": loss, "accuracy": accuracy}
+  if state.update_statistics:
+    new_state = new_state.replace(
+      quant_stats=updates.get(qp.QUANT_STATS, state.quant_stats),
+      batch_stats=updates.get("batch_stats", state.batch_stats),
+    )
+  return new_state, {"loss": loss, **metric}
 
 
 @jax.jit
 def eval_step(state: TrainState, batch: EvalBatch) -> dict:
-  """Frozen-range forward pass; per mask: loss sum, correct count, count."""
+  """Frozen-range forward pass; per mask: loss sum, count, and the correct
+  count (classification) or the absolute-error sum (regression)."""
   logits = state.apply_fn(
     state.variables(), batch.graph, bits=state.bits, train=False
   )
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-  hits = jnp.argmax(logits, -1) == batch.labels
+  if state.loss == "cross_entropy":
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch.labels
+    )
+    name, values = "correct", jnp.argmax(logits, -1) == batch.labels
+  else:
+    predictions = regression_predictions(logits, state.target_affine)
+    losses = _regression_errors(predictions, batch.labels, state.loss)
+    name, values = "abs_error", jnp.abs(predictions - batch.labels)
   return {
-    name: {
+    split: {
       "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-      "correct": jnp.sum(hits & mask),
+      name: jnp.sum(jnp.where(mask, values, 0)),
       "count": jnp.sum(mask),
     }
-    for name, mask in batch.masks.items()
+    for split, mask in batch.masks.items()
   }
 
 
 def summarize_eval(sums: Iterable[dict]) -> dict[str, dict[str, float]]:
-  """Adds per-batch eval sums and turns them into mean loss and accuracy."""
-  total: dict[str, np.ndarray] = {}
+  """Adds per-batch eval sums and turns them into means per split: "loss",
+  and "accuracy" (classification) or "mae" (regression)."""
+  total: dict[str, dict[str, float]] = {}
   for batch_sums in sums:
-    for name, stats in jax.device_get(batch_sums).items():
-      values = np.array([stats["loss_sum"], stats["correct"], stats["count"]])
-      total[name] = total.get(name, 0) + values.astype(np.float64)
+    for split, stats in jax.device_get(batch_sums).items():
+      running = total.setdefault(split, {})
+      for key, value in stats.items():
+        running[key] = running.get(key, 0.0) + np.float64(value)
+  means = {"loss_sum": "loss", "correct": "accuracy", "abs_error": "mae"}
   return {
-    name: {
-      "loss": float(v[0] / max(v[2], 1)),
-      "accuracy": float(v[1] / max(v[2], 1)),
+    split: {
+      mean: float(stats[key] / max(stats["count"], 1))
+      for key, mean in means.items()
+      if key in stats
     }
-    for name, v in total.items()
+    for split, stats in total.items()
   }
 
 
@@ -572,36 +694,44 @@ def _batch_placement(mesh):
 
 
 class RunRecord(NamedTuple):
-  """The outcome of one run (one seed, or one fold and seed)."""
+  """The outcome of one run (one seed, or one fold and seed).
+
+  Classification runs have accuracies and no MAE; regression runs the
+  reverse (accuracies None).
+  """
 
   best_epoch: int
-  val_acc: float
-  test_acc: float
+  val_acc: float | None
+  test_acc: float | None
   epoch_times_ms: list[float]
   state: TrainState
   # Framework figures of this run (e.g. MixQ's selected widths).
   extras: Mapping[str, Any] = {}
   # The state after the last epoch (MixQ selects widths from it).
   last_state: TrainState | None = None
+  val_mae: float | None = None
+  test_mae: float | None = None
+
+
+SELECTIONS = ("val_acc", "val_loss", "val_mae")
 
 
 class _Selector:
-  """Tracks the selected epoch: best val accuracy or lowest val loss."""
+  """Tracks the selected epoch: best val accuracy, or lowest val loss or
+  val MAE (the earliest epoch on ties)."""
 
   def __init__(self, criterion: str):
-    if criterion not in ("val_acc", "val_loss"):
-      raise ValueError(
-        f"selection={criterion!r} is not one of ('val_acc', 'val_loss')"
-      )
+    if criterion not in SELECTIONS:
+      raise ValueError(f"selection={criterion!r} is not one of {SELECTIONS}")
     self.criterion = criterion
     self.best: tuple[float, int, dict] | None = None
 
   def update(self, epoch: int, metrics: dict, state: TrainState) -> None:
-    score = (
-      metrics["val"]["accuracy"]
-      if self.criterion == "val_acc"
-      else -metrics["val"]["loss"]
-    )
+    val = metrics["val"]
+    if self.criterion == "val_acc":
+      score = val["accuracy"]
+    else:
+      score = -val["mae" if self.criterion == "val_mae" else "loss"]
     if self.best is None or score > self.best[0]:
       self.best = (score, epoch, metrics)
       self.state = state
@@ -670,13 +800,16 @@ class _RunLoop:
 
   def record(self) -> RunRecord:
     _, best_epoch, best = self.selector.best
+    val, test = best["val"], best["test"]
     record = RunRecord(
       best_epoch,
-      best["val"]["accuracy"],
-      best["test"]["accuracy"],
+      val.get("accuracy"),
+      test.get("accuracy"),
       self.times,
       self.selector.state,
       last_state=self.state,
+      val_mae=val.get("mae"),
+      test_mae=test.get("mae"),
     )
     if self.checkpointer is not None:
       self.checkpointer.finish(
@@ -684,6 +817,8 @@ class _RunLoop:
           "best_epoch": best_epoch,
           "val_acc": record.val_acc,
           "test_acc": record.test_acc,
+          "val_mae": record.val_mae,
+          "test_mae": record.test_mae,
           "times": self.times,
         }
       )
@@ -735,6 +870,8 @@ def _finished_run(checkpointer, template) -> RunRecord | None:
     done["times"],
     best,
     last_state=last,
+    val_mae=done.get("val_mae"),
+    test_mae=done.get("test_mae"),
   )
 
 
@@ -754,7 +891,13 @@ def _train_node_run(
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
   state = create_train_state(
-    model, tx, graph, init_key, config.quant.bits, start_from=start_from
+    model,
+    tx,
+    graph,
+    init_key,
+    config.quant.bits,
+    start_from=start_from,
+    update_statistics=config.train.update_statistics,
   )
   finished = _finished_run(checkpointer, state)
   if finished is not None:
@@ -811,7 +954,14 @@ def _train_node_runs_vmapped(
   init_keys = jnp.stack([k[0] for k in keys])
   dropout_keys = jnp.stack([k[1] for k in keys])
   states = jax.vmap(
-    lambda key: create_train_state(model, tx, graph, key, config.quant.bits)
+    lambda key: create_train_state(
+      model,
+      tx,
+      graph,
+      key,
+      config.quant.bits,
+      update_statistics=config.train.update_statistics,
+    )
   )(init_keys)
   epochs = config.train.epochs
   finished = _finished_vmapped_runs(checkpointer, states)
@@ -943,7 +1093,14 @@ def _train_graph_run(
     _graph_batches(dataset, fold.train, config, budgets, shuffle=False, rng=rng)
   )
   state = create_train_state(
-    model, tx, example.graph, init_key, config.quant.bits
+    model,
+    tx,
+    example.graph,
+    init_key,
+    config.quant.bits,
+    loss=task_loss(config, dataset.task),
+    target_affine=_target_affine(config, dataset, fold),
+    update_statistics=config.train.update_statistics,
   )
   # Data parallel over several devices: the batch split, the state on all.
   mesh = data_parallel_mesh(config)
@@ -1001,6 +1158,15 @@ def _train_graph_run(
     loop.end_epoch(epoch, state, train_loss, metrics, elapsed)
     progress.update(1)
   return loop.record()
+
+
+def _target_affine(config, dataset, fold):
+  """Regression with `train.standardize_targets`: the mean and std of the
+  fold's training targets; else None (the raw output)."""
+  if dataset.task != "regression" or not config.train.standardize_targets:
+    return None
+  targets = np.asarray(dataset.labels, np.float64)[fold.train]
+  return np.array([targets.mean(), max(targets.std(), 1e-6)], np.float32)
 
 
 def _overridden(config, **overrides) -> ml_collections.ConfigDict:
@@ -1168,11 +1334,18 @@ class _MetricsLog:
   def __call__(self, *, train, metrics, ms, **ids):
     row = dict(ids)
     row["train_loss"] = float(train["loss"])
-    if "accuracy" in train:
-      row["train_acc"] = float(train["accuracy"])
+    suffixes = {"accuracy": "acc", "mae": "mae"}
+    row.update(
+      {
+        f"train_{suffixes[k]}": float(v)
+        for k, v in train.items()
+        if k != "loss"
+      }
+    )
     for split, values in metrics.items():
-      row[f"{split}_loss"] = values["loss"]
-      row[f"{split}_acc"] = values["accuracy"]
+      row.update(
+        {f"{split}_{suffixes.get(k, k)}": v for k, v in values.items()}
+      )
     row["epoch_ms"] = round(ms, 3)
     self.file.write(json.dumps(row) + "\n")
     # Flushed per line: a killed run keeps every epoch it logged.
@@ -1200,6 +1373,24 @@ def _validate(config) -> None:
   models.ModelConfig(
     architecture=config.model.architecture, hidden=config.model.hidden
   )
+  if config.train.selection not in SELECTIONS:
+    raise ValueError(
+      f"selection={config.train.selection!r} is not one of {SELECTIONS}"
+    )
+  if config.train.trainable not in TRAINABLE:
+    raise ValueError(
+      f"train.trainable={config.train.trainable!r} is not one of {TRAINABLE}"
+    )
+  if config.train.trainable == "prompts" and config.prompt.kind == "none":
+    raise ValueError(
+      "train.trainable='prompts' with prompt kind 'none' trains nothing; "
+      "choose a prompt (e.g. --prompt lorap) or train.trainable='all'"
+    )
+  if config.train.trainable == "prompts" and config.quant.framework == "mixq":
+    raise ValueError(
+      "train.trainable='prompts' with framework mixq: MixQ's width search "
+      "and FP32 stage train the backbone; use another framework"
+    )
   for name in ("epochs", "seeds", "folds", "batch_size"):
     section = config if name in ("seeds", "folds") else config.train
     value = section[name]
@@ -1262,12 +1453,7 @@ def train_and_evaluate(
     config.dataset, config.data_dir or None, **_dataset_options(config)
   )
   node_task = isinstance(dataset, data_lib.NodeDataset)
-  if getattr(dataset, "task", "classification") == "regression":
-    raise ValueError(
-      f"{config.dataset} is a regression set; the training loop has no "
-      "regression head, MAE metric or val-MAE selection yet (its loader, "
-      "lorap_jax.load_aqsol, works)"
-    )
+  task_loss(config, getattr(dataset, "task", "classification"))
   model = create_model(
     config,
     num_classes=dataset.num_classes,
@@ -1500,9 +1686,24 @@ def _mixq_figures(config, dataset, records) -> dict:
   return figures
 
 
+def _headline(records, regression: bool) -> dict:
+  """Mean, std and per-run values of the test and val accuracy (or MAE)."""
+  metric = "mae" if regression else "acc"
+  fields = {}
+  for split in ("test", "val"):
+    values = [getattr(r, f"{split}_{metric}") for r in records]
+    mean, std = _mean_std(values)
+    fields[f"{split}_{metric}_mean"] = mean
+    fields[f"{split}_{metric}_std"] = std
+  for split in ("test", "val"):
+    fields[f"{split}_{metric}s"] = [
+      getattr(r, f"{split}_{metric}") for r in records
+    ]
+  return fields
+
+
 def _summary(config, dataset, records, node_task) -> dict:
-  test_mean, test_std = _mean_std([r.test_acc for r in records])
-  val_mean, val_std = _mean_std([r.val_acc for r in records])
+  regression = getattr(dataset, "task", "classification") == "regression"
   # Epochs 0 and 1 include compilation; the rest are steady-state.
   steady = [t for r in records for t in r.epoch_times_ms[2:]]
   params = records[0].state.params
@@ -1521,12 +1722,8 @@ def _summary(config, dataset, records, node_task) -> dict:
     "framework": config.quant.framework,
     "bits": None if config.quant.framework == "fp32" else config.quant.bits,
     "prompt": config.prompt.kind,
-    "test_acc_mean": test_mean,
-    "test_acc_std": test_std,
-    "val_acc_mean": val_mean,
-    "val_acc_std": val_std,
-    "test_accs": [r.test_acc for r in records],
-    "val_accs": [r.val_acc for r in records],
+    "task": "regression" if regression else "classification",
+    **_headline(records, regression),
     "best_epochs": [r.best_epoch for r in records],
     "num_runs": len(records),
     "epoch_time_ms_median": float(np.median(steady)) if steady else None,
@@ -1534,8 +1731,14 @@ def _summary(config, dataset, records, node_task) -> dict:
     "num_prompt_params": int(prompt_params),
     **framework_figures(config, dataset, records),
     "protocol": (
-      f"{len(records)} runs ({runs}); test accuracy at the epoch selected by "
-      f"{config.train.selection}; mean and sample std (ddof=1) over runs; "
+      f"{len(records)} runs ({runs}); test "
+      + (
+        f"MAE ({config.train.regression_loss} loss)"
+        if regression
+        else "accuracy"
+      )
+      + f" at the epoch selected by {config.train.selection}; mean and sample "
+      "std (ddof=1) over runs; "
       "epoch time = train step + evaluation, median over epochs after the "
       "first two, results ready"
       + (
