@@ -115,6 +115,9 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
   config.prompt.kind = prompt
   node_task = lorap_jax.is_node_dataset(dataset)
   if quick:
+    # Minutes-scale cells restart rather than resume; checkpoint writes
+    # would cost more than the few epochs they protect.
+    config.checkpoint.enabled = False
     if node_task:
       config.seeds = QUICK["node_seeds"]
       config.train.epochs = QUICK["node_epochs"]
@@ -206,6 +209,17 @@ def protocol_label(saved_config: dict, dataset, model, framework, prompt):
   return "custom"
 
 
+def _runs_text(count: int, runs_of: str) -> str:
+  return f"{count} run{'' if count == 1 else 's'} ({runs_of})"
+
+
+def cell_figure(summary: dict) -> str:
+  """The framework's own figure; graph-task MixQ has no BitOPs count."""
+  if "mixq_average_bits" in summary and "mixq_bit_operations" not in summary:
+    return f"{summary['mixq_average_bits']:.2f} bits"
+  return framework_figure(summary)
+
+
 def _epochs_per_run(config: dict, node_task: bool) -> int:
   """Epochs one run trained, over all of its framework's stages."""
   if config["quant"]["framework"] != "mixq":
@@ -256,10 +270,10 @@ def table_row(out: pathlib.Path, cell) -> dict:
     row.update(
       status="done",
       protocol=protocol_label(config, *cell),
-      runs=f"{summary['num_runs']} {runs_of}",
+      runs=_runs_text(summary["num_runs"], runs_of),
       epochs_per_run=_epochs_per_run(config, node_task),
       selection=config["train"]["selection"],
-      framework_figure=framework_figure(summary),
+      framework_figure=cell_figure(summary),
       epoch_ms_median=(
         ""
         if summary.get("epoch_time_ms_median") is None
@@ -461,6 +475,13 @@ def main(argv=None) -> int:
   cells = plan(
     datasets or DATASETS, models, frameworks or FRAMEWORKS, prompts or PROMPTS
   )
+  if not cells:
+    print(
+      f"reproduce.py: --models {args.models} fits none of the datasets "
+      "(node tasks: gcn, gat; graph tasks: gin)",
+      file=sys.stderr,
+    )
+    return 2
   out, results = pathlib.Path(args.out), pathlib.Path(args.results)
   name = args.name or ("quick" if args.quick else "full")
   overrides = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs}

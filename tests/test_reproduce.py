@@ -35,7 +35,7 @@ def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
   assert (qat["framework"], qat["prompt"], qat["bits"]) == ("qat", "none", "4")
   assert qat["status"] == "done"
   assert qat["protocol"] == "custom"  # Neither full nor quick settings.
-  assert (qat["runs"], qat["epochs_per_run"]) == ("1 seeds", "3")
+  assert (qat["runs"], qat["epochs_per_run"]) == ("1 run (seeds)", "3")
   assert 10.0 < float(qat["test_acc_mean"]) <= 100.0
   # Cora INT4 plain QAT: MixQ's fixed INT4 log (frameworks.md 4.6).
   assert float(qat["anchor_mean"]) == pytest.approx(79.17)
@@ -112,5 +112,7 @@ def test_plan_and_bad_names(capsys):
   ]
   assert reproduce.main(["--datasets=cora,zinc"]) == 2
   assert "--datasets: unknown ['zinc']" in capsys.readouterr().err
+  assert reproduce.main(["--datasets=cora", "--models=gin"]) == 2
+  assert "--models gin fits none of the datasets" in capsys.readouterr().err
   assert reproduce.main(["--prompts=,"]) == 2
   assert "--prompts: unknown empty list" in capsys.readouterr().err
