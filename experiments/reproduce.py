@@ -124,7 +124,8 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
       config.mixq.search_epochs = config.mixq.fp32_epochs = 2
       config.mixq.finetune_epochs = 2
     else:
-      config.seeds, config.folds = 1, QUICK["graph_folds"]
+      config.seeds = 1
+      config.folds = min(config.folds, QUICK["graph_folds"])
       config.train.epochs = QUICK["graph_epochs"]
   for key, value in (overrides or {}).items():
     if value is None:
@@ -299,6 +300,16 @@ def table_row(out: pathlib.Path, cell) -> dict:
   return row
 
 
+def _mixq_stages(quick, overrides) -> str:
+  config = cell_config(
+    "cora", "gcn", "mixq", "none", quick=quick, **{"overrides": overrides}
+  )
+  stages = config.mixq
+  return (
+    f"{stages.search_epochs} + {stages.fp32_epochs} + {stages.finetune_epochs}"
+  )
+
+
 def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
   """The protocol of the table's datasets, read from their configs."""
   lines = []
@@ -319,9 +330,13 @@ def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
       )
     else:
       runs = f"{config.folds} folds x {config.seeds} seed"
-      split = "CV folds (validation fold = previous test fold)"
+      split = (
+        "seeded stratified CV folds"
+        if dataset.startswith("tu-")
+        else "the GIN-format CV folds"
+      ) + " (validation fold = the previous test fold)"
       if config.folds == 1:
-        split = "the fixed split"
+        runs, split = f"{config.seeds} seeds", "the fixed split"
     model_text = (
       f"{model.upper()} {config.model.num_layers} x {config.model.hidden}"
     )
@@ -367,7 +382,10 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "INT4: plain QAT and Degree-Quant at 4 bits everywhere; A2Q starts at 4 "
     "bits and learns feature widths under a 4-bit average; MixQ searches "
     "{2, 4, 8} per component and reports the widths it kept (the figures "
-    "column). LoRAP k = 10, r = 4 after every aggregation; GPF one input "
+    f"column); on node tasks its run is {_mixq_stages(quick, overrides)} "
+    "epochs (search, FP32, quantized fine-tune), on graph tasks a search "
+    "then QAT from scratch, each as long as the other frameworks' run. "
+    "LoRAP k = 10, r = 4 after every aggregation; GPF one input "
     "prompt; GPF-LoRAP GPF-plus (k = 10) on the input plus LoRAP. "
     "Accuracy in percent, mean ± sample std (ddof 1) over the runs. "
     "`protocol` says which protocol each cell's saved run used (`full`, "
