@@ -1,0 +1,523 @@
+"""Runs the paper's kind of table and writes it as Markdown and CSV.
+
+The table: dataset x architecture x framework x prompt at INT4, plus an
+FP32 row per dataset and architecture. Each cell is one
+`lorap_jax.train_and_evaluate` run in `<out>/<dataset>-<arch>-<framework>-
+<prompt>/`; the table goes to `<results>/<name>.md` and `.csv`, one row per
+cell, with the anchors' published numbers beside ours (`anchors.py`).
+
+Usage (from the repository root, data directory in LORAP_DATA_DIR):
+  .venv/bin/python experiments/reproduce.py --quick            # minutes
+  .venv/bin/python experiments/reproduce.py --reuse            # full
+  .venv/bin/python experiments/reproduce.py --datasets cora,pubmed \\
+      --frameworks fp32,qat --prompts none,lorap --reuse
+  .venv/bin/python experiments/reproduce.py --table-only       # no training
+
+Full protocol: every dataset's own config (`lorap_jax.get_config`; node
+tasks 10 seeds x 200 epochs on their split, graph tasks 10-fold CV with the
+config's epochs). `--quick`: 2 seeds (node) or 2 folds x 1 seed (graph), a
+few epochs. `--reuse` reads back cells whose summary.json exists (refusing
+one whose config differs); a cell interrupted part-way resumes from its
+checkpoints either way. Rows say which protocol their run used.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import pathlib
+import platform
+import sys
+
+import jax
+from anchors import PAPER_VALUES, anchor_for
+from frameworks_table import framework_figure
+
+import lorap_jax
+
+QUANT_FRAMEWORKS = ("qat", "dq", "a2q", "mixq")
+FRAMEWORKS = ("fp32", *QUANT_FRAMEWORKS)
+PROMPTS = ("none", "lorap", "gpf", "gpf-lorap")
+# Regression sets report MAE. The training loop has no regression head yet,
+# so they are left out of the default dataset list and a cell runs only when
+# named in --datasets; a summary with "test_mae_mean" fills its row.
+REGRESSION_DATASETS = ("aqsol",)
+DATASETS = tuple(
+  name for name in lorap_jax.DATASET_NAMES if name not in REGRESSION_DATASETS
+)
+# Architectures as the anchors use them: GCN on node tasks (GAT on request,
+# `--models gat`), GIN on graph tasks.
+NODE_MODELS = ("gcn",)
+GRAPH_MODELS = ("gin",)
+QUICK = {"node_seeds": 2, "node_epochs": 5, "graph_folds": 2, "graph_epochs": 2}
+CSV_COLUMNS = (
+  "dataset",
+  "model",
+  "framework",
+  "bits",
+  "prompt",
+  "status",
+  "protocol",
+  "runs",
+  "epochs_per_run",
+  "selection",
+  "test_acc_mean",
+  "test_acc_std",
+  "val_acc_mean",
+  "test_mae_mean",
+  "test_mae_std",
+  "framework_figure",
+  "epoch_ms_median",
+  "anchor_mean",
+  "anchor_std",
+  "anchor_source",
+)
+
+
+def is_regression(dataset: str) -> bool:
+  return dataset in REGRESSION_DATASETS
+
+
+def cell_name(dataset, model, framework, prompt) -> str:
+  return f"{dataset}-{model}-{framework}-{prompt}"
+
+
+def plan(datasets, models, frameworks, prompts) -> list[tuple]:
+  """The cells, as (dataset, model, framework, prompt), in table order.
+
+  FP32 has one row per dataset and architecture, without a prompt. A model
+  the dataset's task cannot take (GIN on a node task, GCN on graphs) is
+  skipped.
+  """
+  cells = []
+  for dataset in datasets:
+    node_task = lorap_jax.is_node_dataset(dataset)
+    allowed = (*NODE_MODELS, "gat") if node_task else GRAPH_MODELS
+    defaults = NODE_MODELS if node_task else GRAPH_MODELS
+    for model in models or defaults:
+      if model not in allowed:
+        continue
+      if "fp32" in frameworks:
+        cells.append((dataset, model, "fp32", "none"))
+      for framework in frameworks:
+        if framework == "fp32":
+          continue
+        for prompt in prompts:
+          cells.append((dataset, model, framework, prompt))
+  return cells
+
+
+def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
+  """The config of one cell: the dataset's own (full protocol) or quick."""
+  config = lorap_jax.get_config(dataset)
+  config.model.architecture = model
+  config.quant.framework = framework
+  config.prompt.kind = prompt
+  node_task = lorap_jax.is_node_dataset(dataset)
+  if quick:
+    # Minutes-scale cells restart rather than resume; checkpoint writes
+    # would cost more than the few epochs they protect.
+    config.checkpoint.enabled = False
+    if node_task:
+      config.seeds = QUICK["node_seeds"]
+      config.train.epochs = QUICK["node_epochs"]
+      config.mixq.search_epochs = config.mixq.fp32_epochs = 2
+      config.mixq.finetune_epochs = 2
+    else:
+      config.seeds = 1
+      config.folds = min(config.folds, QUICK["graph_folds"])
+      config.train.epochs = QUICK["graph_epochs"]
+  for key, value in (overrides or {}).items():
+    if value is None:
+      continue
+    if key == "epochs":
+      config.train.epochs = value
+      if node_task:
+        config.mixq.search_epochs = config.mixq.fp32_epochs = value
+        config.mixq.finetune_epochs = value
+    elif key == ("seeds" if node_task else "folds"):
+      config[key] = value
+  return config
+
+
+def relevant_config(config: dict) -> dict:
+  """The config fields a cell's results depend on.
+
+  Leaves out the data directory, the checkpoint cadence, and the settings
+  of the frameworks the cell does not use, so runs saved before a field was
+  added to another framework's section still count as the same protocol.
+  """
+  unused = {"dq", "a2q", "mixq"} - {config["quant"]["framework"]}
+  return {
+    key: value
+    for key, value in config.items()
+    if key not in unused | {"data_dir", "checkpoint"}
+  }
+
+
+def differences(saved: dict, wanted: dict, prefix="") -> list[str]:
+  found = []
+  for key in sorted(set(saved) | set(wanted)):
+    old, new = saved.get(key), wanted.get(key)
+    if old == new:
+      continue
+    if isinstance(old, dict) and isinstance(new, dict):
+      found += differences(old, new, f"{prefix}{key}.")
+    else:
+      found.append(f"{prefix}{key}: saved {old!r}, wanted {new!r}")
+  return found
+
+
+def _config_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def run_cell(config, workdir: pathlib.Path, *, reuse: bool) -> str:
+  """Trains one cell unless --reuse finds it done; returns its status.
+
+  Refused settings and diverging runs are recorded in `error.txt` and
+  reported as the cell's status, so one cell cannot stop the table.
+  """
+  summary_path = workdir / "summary.json"
+  if reuse and summary_path.exists():
+    saved = json.loads(summary_path.read_text())["config"]
+    found = differences(
+      relevant_config(saved), relevant_config(_config_dict(config))
+    )
+    if found:
+      # Never overwrite a finished run; its row says which protocol it is.
+      return "kept, another config: " + "; ".join(found[:4])
+    return "reused"
+  (workdir / "error.txt").unlink(missing_ok=True)
+  # A run that died part-way continues from its checkpoints.
+  resume = any((workdir / "checkpoints").glob("*"))
+  try:
+    lorap_jax.train_and_evaluate(config, workdir, resume=resume)
+  except (ValueError, FloatingPointError) as error:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+    return "failed"
+  return "trained"
+
+
+def protocol_label(saved_config: dict, dataset, model, framework, prompt):
+  """'full' or 'quick' where the run used that protocol, else 'custom'."""
+  saved = relevant_config(saved_config)
+  for label, quick in (("full", False), ("quick", True)):
+    wanted = cell_config(dataset, model, framework, prompt, quick=quick)
+    if saved == relevant_config(_config_dict(wanted)):
+      return label
+  return "custom"
+
+
+def _runs_text(count: int, runs_of: str) -> str:
+  return f"{count} run{'' if count == 1 else 's'} ({runs_of})"
+
+
+def cell_figure(summary: dict) -> str:
+  """The framework's own figure; graph-task MixQ has no BitOPs count."""
+  if "mixq_average_bits" in summary and "mixq_bit_operations" not in summary:
+    return f"{summary['mixq_average_bits']:.2f} bits"
+  return framework_figure(summary)
+
+
+def _epochs_per_run(config: dict, node_task: bool) -> int:
+  """Epochs one run trained, over all of its framework's stages."""
+  if config["quant"]["framework"] != "mixq":
+    return config["train"]["epochs"]
+  if node_task:
+    stages = ("search_epochs", "fp32_epochs", "finetune_epochs")
+    return sum(config["mixq"][stage] for stage in stages)
+  return 2 * config["train"]["epochs"]  # Search, then QAT from scratch.
+
+
+def _selection_rule(selection: str) -> str:
+  return {
+    "val_acc": "best validation accuracy (earliest epoch on ties)",
+    "val_loss": "lowest validation loss",
+    "val_mae": "lowest validation MAE",
+  }.get(selection, selection)
+
+
+def _percent(value):
+  return None if value is None else round(100 * value, 2)
+
+
+def table_row(out: pathlib.Path, cell) -> dict:
+  """One CSV / Markdown row from a cell's workdir (numbers in percent)."""
+  dataset, model, framework, prompt = cell
+  workdir = out / cell_name(*cell)
+  anchor = anchor_for(dataset, model, framework, prompt)
+  row = dict.fromkeys(CSV_COLUMNS, "")
+  row.update(
+    dataset=dataset,
+    model=model,
+    framework=framework,
+    bits="32" if framework == "fp32" else "4",
+    prompt=prompt,
+    status="not run",
+  )
+  if anchor is not None:
+    source = anchor.source + (f"; {anchor.note}" if anchor.note else "")
+    row.update(
+      anchor_mean=anchor.mean, anchor_std=anchor.std, anchor_source=source
+    )
+  summary_path = workdir / "summary.json"
+  if summary_path.exists():
+    summary = json.loads(summary_path.read_text())
+    config = summary["config"]
+    node_task = lorap_jax.is_node_dataset(dataset)
+    runs_of = "seeds" if node_task else "folds x seeds"
+    row.update(
+      status="done",
+      protocol=protocol_label(config, *cell),
+      runs=_runs_text(summary["num_runs"], runs_of),
+      epochs_per_run=_epochs_per_run(config, node_task),
+      selection=config["train"]["selection"],
+      framework_figure=cell_figure(summary),
+      epoch_ms_median=(
+        ""
+        if summary.get("epoch_time_ms_median") is None
+        else round(summary["epoch_time_ms_median"], 1)
+      ),
+    )
+    if "test_mae_mean" in summary:
+      row.update(
+        test_mae_mean=round(summary["test_mae_mean"], 4),
+        test_mae_std=round(summary["test_mae_std"], 4),
+      )
+    else:
+      row.update(
+        test_acc_mean=_percent(summary["test_acc_mean"]),
+        test_acc_std=_percent(summary["test_acc_std"]),
+        val_acc_mean=_percent(summary["val_acc_mean"]),
+      )
+  elif (workdir / "error.txt").exists():
+    message = (workdir / "error.txt").read_text().strip().splitlines()[0]
+    row.update(status=f"failed: {message}")
+  elif is_regression(dataset):
+    row.update(status="skipped: regression task, no MAE summary yet")
+  return row
+
+
+def _mixq_stages(quick, overrides) -> str:
+  config = cell_config(
+    "cora", "gcn", "mixq", "none", quick=quick, **{"overrides": overrides}
+  )
+  stages = config.mixq
+  return (
+    f"{stages.search_epochs} + {stages.fp32_epochs} + {stages.finetune_epochs}"
+  )
+
+
+def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
+  """The protocol of the table's datasets, read from their configs."""
+  lines = []
+  seen = set()
+  for dataset, model, *_ in cells:
+    if (dataset, model) in seen:
+      continue
+    seen.add((dataset, model))
+    config = cell_config(
+      dataset, model, "qat", "none", quick=quick, overrides=overrides
+    )
+    if lorap_jax.is_node_dataset(dataset):
+      runs = f"{config.seeds} seeds"
+      split = (
+        "random per-class split redrawn per seed"
+        if dataset.startswith("amazon")
+        else "public split"
+      )
+    else:
+      runs = f"{config.folds} folds x {config.seeds} seed"
+      split = (
+        "seeded stratified CV folds"
+        if dataset.startswith("tu-")
+        else "the GIN-format CV folds"
+      ) + " (validation fold = the previous test fold)"
+      if config.folds == 1:
+        runs, split = f"{config.seeds} seeds", "the fixed split"
+    model_text = (
+      f"{model.upper()} {config.model.num_layers} x {config.model.hidden}"
+    )
+    lines.append(
+      f"- {dataset}: {model_text}, {runs} x {config.train.epochs} epochs, "
+      f"{split}, Adam lr {config.train.learning_rate}, weight decay "
+      f"{config.train.weight_decay}, test metric at the epoch of "
+      f"{_selection_rule(config.train.selection)}"
+    )
+  return lines
+
+
+def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
+  """Writes `<results>/<name>.csv` and `.md`."""
+  results.mkdir(parents=True, exist_ok=True)
+  with (results / f"{name}.csv").open("w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  counts = {}
+  for row in rows:
+    key = row["protocol"] or row["status"].split(":")[0]
+    counts[key] = counts.get(key, 0) + 1
+  device = jax.devices()[0]
+  lines = [
+    f"# Reproduction table: {name}",
+    "",
+    f"Written by `experiments/reproduce.py` on "
+    f"{datetime.date.today().isoformat()}. Machine: {platform.machine()} "
+    f"CPU, {_cpu_count()} cores, JAX {jax.__version__} on "
+    f"{device.platform} ({device.device_kind}).",
+    "",
+    "**Protocol** ("
+    + (
+      "`--quick`: a smoke run, not comparable with the published numbers"
+      if quick
+      else "full: each dataset's own config"
+    )
+    + "):",
+    "",
+    *_protocol_lines(cells, quick, overrides),
+    "",
+    "INT4: plain QAT and Degree-Quant at 4 bits everywhere; A2Q starts at 4 "
+    "bits and learns feature widths under a 4-bit average; MixQ searches "
+    "{2, 4, 8} per component and reports the widths it kept (the figures "
+    f"column); on node tasks its run is {_mixq_stages(quick, overrides)} "
+    "epochs (search, FP32, quantized fine-tune), on graph tasks a search "
+    "then QAT from scratch, each as long as the other frameworks' run. "
+    "LoRAP k = 10, r = 4 after every aggregation; GPF one input "
+    "prompt; GPF-LoRAP GPF-plus (k = 10) on the input plus LoRAP. "
+    "Accuracy in percent, mean ± sample std (ddof 1) over the runs. "
+    "`protocol` says which protocol each cell's saved run used (`full`, "
+    "`quick`, or `custom` for other settings); `not run` cells have no "
+    "result yet.",
+    "",
+    "Anchors: published numbers under the anchor's own protocol "
+    "(`experiments/anchors.py`, with the section of the reference notes "
+    "each comes from); empty where the references state none.",
+    "",
+    "Cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+  ]
+  by_table = {}
+  for row in rows:
+    by_table.setdefault((row["dataset"], row["model"]), []).append(row)
+  for (dataset, model), table in by_table.items():
+    lines += ["", f"## {dataset}, {model.upper()}", ""]
+    if dataset in PAPER_VALUES:
+      lines += [
+        f"LoRAP paper value (third-party extraction; framework, bits and "
+        f"architecture not stated, `lorap.md` 6): {PAPER_VALUES[dataset]}.",
+        "",
+      ]
+    lines += [
+      "| framework | prompt | test % | runs | protocol | framework figure "
+      "| anchor % | anchor source |",
+      "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+      lines.append(
+        f"| {row['framework']} | {row['prompt']} | {_result_text(row)} | "
+        f"{row['runs']} | {row['protocol']} | {row['framework_figure']} | "
+        f"{_anchor_text(row)} | {row['anchor_source']} |"
+      )
+  (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _cpu_count() -> int:
+  import os
+
+  return os.cpu_count() or 0
+
+
+def _result_text(row) -> str:
+  if row["test_mae_mean"] != "":
+    return f"MAE {row['test_mae_mean']:.3f} ± {row['test_mae_std']:.3f}"
+  if row["test_acc_mean"] != "":
+    return f"{row['test_acc_mean']:.1f} ± {row['test_acc_std']:.1f}"
+  return row["status"]
+
+
+def _anchor_text(row) -> str:
+  if row["anchor_mean"] == "":
+    return ""
+  return f"{row['anchor_mean']:.1f} ± {row['anchor_std']:.1f}"
+
+
+def _names(text: str | None, known: tuple, what: str) -> tuple | None:
+  if text is None:
+    return None
+  names = tuple(name.strip() for name in text.split(",") if name.strip())
+  unknown = [name for name in names if name not in known]
+  if unknown or not names:
+    raise ValueError(
+      f"--{what}: unknown {unknown or 'empty list'}; choose from "
+      + ", ".join(known)
+    )
+  return names
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--quick", action="store_true", help="a smoke run")
+  parser.add_argument("--datasets", help="comma list (default: all)")
+  parser.add_argument("--models", help="comma list of gcn, gat, gin")
+  parser.add_argument("--frameworks", help=",".join(FRAMEWORKS))
+  parser.add_argument("--prompts", help=",".join(PROMPTS))
+  parser.add_argument("--out", default="runs/reproduce", help="run directory")
+  parser.add_argument("--results", default="experiments/results")
+  parser.add_argument("--name", help="table file name (quick or full)")
+  parser.add_argument("--reuse", action="store_true")
+  parser.add_argument(
+    "--table-only",
+    action="store_true",
+    help="write the table from what --out holds, training nothing",
+  )
+  parser.add_argument("--seeds", type=int, help="node tasks: override")
+  parser.add_argument("--folds", type=int, help="graph tasks: override")
+  parser.add_argument("--epochs", type=int, help="override (MixQ: per stage)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    datasets = _names(args.datasets, DATASETS + REGRESSION_DATASETS, "datasets")
+    models = _names(args.models, ("gcn", "gat", "gin"), "models")
+    frameworks = _names(args.frameworks, FRAMEWORKS, "frameworks")
+    prompts = _names(args.prompts, PROMPTS, "prompts")
+  except ValueError as error:
+    print(f"reproduce.py: {error}", file=sys.stderr)
+    return 2
+  cells = plan(
+    datasets or DATASETS, models, frameworks or FRAMEWORKS, prompts or PROMPTS
+  )
+  if not cells:
+    print(
+      f"reproduce.py: --models {args.models} fits none of the datasets "
+      "(node tasks: gcn, gat; graph tasks: gin)",
+      file=sys.stderr,
+    )
+    return 2
+  out, results = pathlib.Path(args.out), pathlib.Path(args.results)
+  name = args.name or ("quick" if args.quick else "full")
+  overrides = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs}
+  rows = [table_row(out, cell) for cell in cells]
+  write_tables(rows, cells, results, name, args.quick, overrides)
+  if args.table_only:
+    return 0
+  for index, cell in enumerate(cells):
+    if is_regression(cell[0]) and args.datasets is None:
+      continue
+    config = cell_config(*cell, quick=args.quick, overrides=overrides)
+    status = run_cell(config, out / cell_name(*cell), reuse=args.reuse)
+    print(f"{cell_name(*cell)}: {status}", flush=True)
+    rows[index] = table_row(out, cell)
+    # Rewritten after every cell, so an interrupted run leaves a table.
+    write_tables(rows, cells, results, name, args.quick, overrides)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

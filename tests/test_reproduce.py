@@ -1,0 +1,118 @@
+"""The reproduction script: a tiny table end to end, --reuse, the hooks."""
+
+import csv
+import json
+import sys
+
+import pytest
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import reproduce
+
+
+def _read_csv(path):
+  with path.open() as file:
+    return list(csv.DictReader(file))
+
+
+def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
+  out, results = tmp_path / "runs", tmp_path / "results"
+  argv = [
+    "--datasets=cora",
+    "--frameworks=qat",
+    "--prompts=none",
+    "--seeds=1",
+    "--epochs=3",
+    f"--out={out}",
+    f"--results={results}",
+    "--name=tiny",
+  ]
+  assert reproduce.main(argv) == 0
+  rows = _read_csv(results / "tiny.csv")
+  assert list(rows[0]) == list(reproduce.CSV_COLUMNS)
+  [qat] = rows
+  assert (qat["framework"], qat["prompt"], qat["bits"]) == ("qat", "none", "4")
+  assert qat["status"] == "done"
+  assert qat["protocol"] == "custom"  # Neither full nor quick settings.
+  assert (qat["runs"], qat["epochs_per_run"]) == ("1 run (seeds)", "3")
+  assert 10.0 < float(qat["test_acc_mean"]) <= 100.0
+  # Cora INT4 plain QAT: MixQ's fixed INT4 log (frameworks.md 4.6).
+  assert float(qat["anchor_mean"]) == pytest.approx(79.17)
+  assert "frameworks.md 4.6" in qat["anchor_source"]
+  markdown = (results / "tiny.md").read_text()
+  assert "## cora, GCN" in markdown
+  assert "1 seeds x 3 epochs" in markdown
+  assert "best validation accuracy" in markdown
+  assert f"| qat | none | {float(qat['test_acc_mean']):.1f} ± " in markdown
+  assert "| 79.2 ± 1.1 |" in markdown
+
+  summary = out / "cora-gcn-qat-none" / "summary.json"
+  before = summary.stat().st_mtime_ns
+  capsys.readouterr()
+  assert reproduce.main([*argv, "--reuse"]) == 0
+  assert "cora-gcn-qat-none: reused" in capsys.readouterr().out
+  assert summary.stat().st_mtime_ns == before
+  assert _read_csv(results / "tiny.csv") == rows
+  # A finished run of other settings is kept, never overwritten.
+  assert reproduce.main([*argv, "--reuse", "--epochs=4"]) == 0
+  assert "kept, another config: train.epochs" in capsys.readouterr().out
+  assert summary.stat().st_mtime_ns == before
+
+
+def test_protocol_labels_and_not_run_cells(tmp_path):
+  cell = ("pubmed", "gcn", "dq", "lorap")
+  full = reproduce.cell_config(*cell, quick=False)
+  assert (full.seeds, full.train.epochs) == (10, 200)
+  saved = json.loads(full.to_json_best_effort())
+  assert reproduce.protocol_label(saved, *cell) == "full"
+  # Another framework's section and the checkpoint cadence do not count.
+  saved["mixq"]["search_epochs"] = 7
+  saved["checkpoint"]["every"] = 3
+  assert reproduce.protocol_label(saved, *cell) == "full"
+  quick = reproduce.cell_config(*cell, quick=True).to_json_best_effort()
+  quick = json.loads(quick)
+  assert reproduce.protocol_label(quick, *cell) == "quick"
+  row = reproduce.table_row(tmp_path, cell)
+  assert (row["status"], row["test_acc_mean"]) == ("not run", "")
+  assert row["anchor_mean"] == ""  # The references state none for it.
+  row = reproduce.table_row(tmp_path, ("pubmed", "gcn", "mixq", "none"))
+  assert (row["anchor_mean"], row["anchor_std"]) == (77.51, 0.67)
+
+
+def test_regression_hook(tmp_path):
+  cell = ("aqsol", "gin", "qat", "none")
+  assert "aqsol" not in reproduce.DATASETS
+  row = reproduce.table_row(tmp_path, cell)
+  assert row["status"].startswith("skipped: regression")
+  config = reproduce.cell_config(*cell, quick=False)
+  workdir = tmp_path / reproduce.cell_name(*cell)
+  workdir.mkdir()
+  summary = {
+    "num_runs": 4,
+    "test_mae_mean": 1.2345,
+    "test_mae_std": 0.05,
+    "epoch_time_ms_median": 12.0,
+    "config": json.loads(config.to_json_best_effort()),
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary))
+  row = reproduce.table_row(tmp_path, cell)
+  assert (row["status"], row["protocol"]) == ("done", "full")
+  assert (row["test_mae_mean"], row["test_acc_mean"]) == (1.2345, "")
+  assert reproduce._result_text(row) == "MAE 1.234 ± 0.050"
+
+
+def test_plan_and_bad_names(capsys):
+  cells = reproduce.plan(("cora", "mutag"), None, ("fp32", "dq"), ("lorap",))
+  assert cells == [
+    ("cora", "gcn", "fp32", "none"),
+    ("cora", "gcn", "dq", "lorap"),
+    ("mutag", "gin", "fp32", "none"),
+    ("mutag", "gin", "dq", "lorap"),
+  ]
+  assert reproduce.main(["--datasets=cora,zinc"]) == 2
+  assert "--datasets: unknown ['zinc']" in capsys.readouterr().err
+  assert reproduce.main(["--datasets=cora", "--models=gin"]) == 2
+  assert "--models gin fits none of the datasets" in capsys.readouterr().err
+  assert reproduce.main(["--prompts=,"]) == 2
+  assert "--prompts: unknown empty list" in capsys.readouterr().err
