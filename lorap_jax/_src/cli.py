@@ -205,7 +205,12 @@ def _add_post_train_parser(commands) -> None:
 def build_post_train_config(args: argparse.Namespace):
   """The source run's config, for its prompts, with the flags applied."""
   config = post_training.post_training_config(args.source)
-  for flag, (path, _) in _POST_TRAIN_FLAGS.items():
+  return _with_flags(config, args, _POST_TRAIN_FLAGS)
+
+
+def _with_flags(config, args: argparse.Namespace, flags: dict):
+  """`config` with the given flags, then each `--set KEY=VALUE`, applied."""
+  for flag, (path, _) in flags.items():
     value = getattr(args, flag)
     if value is not None:
       _set(config, path, value)
@@ -228,17 +233,7 @@ def build_config(args: argparse.Namespace):
   data_lib.is_node_dataset(args.dataset)
   name = args.dataset
   config = config_lib.get_config(name if "/" in name else name.lower())
-  for flag, (path, _) in _FLAG_TO_CONFIG.items():
-    value = getattr(args, flag)
-    if value is not None:
-      _set(config, path, value)
-  for item in args.set:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r} must look like KEY=VALUE")
-    _set(config, key, _parse_value(raw))
-  _check_names(config)
-  return config
+  return _with_flags(config, args, _FLAG_TO_CONFIG)
 
 
 def _parse_value(raw: str):
