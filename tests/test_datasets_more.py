@@ -695,15 +695,6 @@ def test_aqsol_counts(aqsol):
     np.testing.assert_array_equal(graph.nodes.sum(axis=1), 1.0)
 
 
-def test_training_refuses_regression_until_it_has_a_head(
-  aqsol, data_dir, tmp_path
-):
-  config = lorap_jax.get_config("aqsol")
-  config.data_dir = str(data_dir)
-  with pytest.raises(ValueError, match="aqsol is a regression set; the"):
-    lorap_jax.train_and_evaluate(config, tmp_path)
-
-
 def test_aqsol_batches_carry_float_targets(aqsol):
   (fold,) = aqsol.folds
   budgets = data.make_budgets(aqsol.graphs, 64)
