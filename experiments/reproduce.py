@@ -295,6 +295,8 @@ def table_row(out: pathlib.Path, cell) -> dict:
   elif (workdir / "error.txt").exists():
     message = (workdir / "error.txt").read_text().strip().splitlines()[0]
     row.update(status=f"failed: {message}")
+  elif any((workdir / "checkpoints").glob("*")):
+    row.update(status="interrupted: --reuse resumes it from checkpoints")
   elif is_regression(dataset):
     row.update(status="skipped: regression task, no MAE summary yet")
   return row
