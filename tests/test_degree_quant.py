@@ -68,6 +68,35 @@ def test_protection_probability_matches_the_formula_per_graph():
   assert np.all((got >= 0.1) & (got <= 0.3 + 1e-7))
 
 
+def test_one_graph_histogram_path_matches_the_sort_path():
+  """A single graph (node tasks) counts degrees in a histogram instead of
+  sorting; with multi-edges and isolated nodes it gives the same F."""
+  rng = np.random.default_rng(3)
+  n = 40
+  receivers = rng.integers(0, n // 2, size=150).astype(np.int32)  # repeats
+  senders = rng.integers(0, n, size=150).astype(np.int32)
+  single = jraph.GraphsTuple(
+    nodes=np.zeros((n, 1), np.float32),
+    edges=None,
+    senders=senders,
+    receivers=receivers,
+    globals=None,
+    n_node=np.array([n], np.int32),
+    n_edge=np.array([150], np.int32),
+  )
+  # The same graph with an empty second graph takes the sort path.
+  two = single._replace(
+    n_node=np.array([n, 0], np.int32), n_edge=np.array([150, 0], np.int32)
+  )
+  histogram = np.asarray(degree_quant.in_degree_cdf(single))
+  sort = np.asarray(degree_quant.in_degree_cdf(two))
+  np.testing.assert_allclose(histogram, sort, rtol=1e-6)
+  degree = np.bincount(receivers, minlength=n)
+  want = np.array([np.mean(degree <= d) for d in degree])
+  np.testing.assert_allclose(histogram, want, rtol=1e-6)
+  assert degree.max() > n // 4  # Heavy repeats: degrees well above average.
+
+
 def test_protection_probability_on_a_star():
   # Hub 0 with in-degree 4; leaves with in-degree 1: F = 1 and 4/5.
   senders = np.array([1, 2, 3, 4, 0, 0, 0, 0], np.int32)
