@@ -57,7 +57,11 @@ def _host_batches(config):
   )
 
 
-@pytest.mark.parametrize("framework", ["fp32", "dq"])
+# Degree-Quant's step (percentiles, protective masks) compiles for about a
+# minute on 8 virtual devices: run on request with `-m slow`.
+@pytest.mark.parametrize(
+  "framework", ["fp32", pytest.param("dq", marks=pytest.mark.slow)]
+)
 def test_data_parallel_step_matches_one_device(framework):
   """From the same state, a step on 8 devices is the step on one.
 
