@@ -664,14 +664,14 @@ def _inputs(chunk, size: int, split_batches):
   mesh = split_batches.mesh
   if size > 1:
     return distributed.put(points, distributed.split_leading(mesh)), batch
-  points = jax.tree.map(lambda x: x[0], points)
-  if split_batches.per_seed:
-    batch = batch._replace(masks={k: v[0] for k, v in batch.masks.items()})
-  return points, batch
+  return _first_configuration(points, batch, split_batches.per_seed)
 
 
-def _first(tree):
-  return jax.tree.map(lambda x: x[0], tree)
+def _first_configuration(points, batch, per_run_masks: bool):
+  """The first of stacked points, and its masks where each run has its own."""
+  if per_run_masks:
+    batch = batch._replace(masks=train_lib._seed_row(batch.masks, 0))
+  return train_lib._seed_row(points, 0), batch
 
 
 def _one_per_device(run_one, per_run_masks: bool):
@@ -682,9 +682,8 @@ def _one_per_device(run_one, per_run_masks: bool):
   """
 
   def run_first(points, graph, batch):
-    if per_run_masks:
-      batch = batch._replace(masks=_first(batch.masks))
-    metrics = run_one(_first(points), graph, batch)
+    point, batch = _first_configuration(points, batch, per_run_masks)
+    metrics = run_one(point, graph, batch)
     return jax.tree.map(lambda x: x[None], metrics)
 
   return run_first
