@@ -18,6 +18,7 @@ import pytest
 from absl.testing import parameterized
 
 import lorap_jax
+from lorap_jax._src import layers
 
 N_NODES = 7
 N_FEATURES = 5
@@ -342,6 +343,77 @@ class QuantGCNTest(chex.TestCase):
         else:
           want = np_gcn(x, params)
         chex.assert_trees_all_close(sparse_out, want, atol=1e-5)
+
+
+def _sparse_matrix(row_counts, n_features=40, seed=0):
+  """A dense matrix with exactly `row_counts[i]` non-zeros in row i."""
+  rng = np.random.default_rng(seed)
+  x = np.zeros((len(row_counts), n_features), np.float32)
+  for i, count in enumerate(row_counts):
+    columns = rng.choice(n_features, size=count, replace=False)
+    x[i, columns] = rng.normal(size=count)
+  return x
+
+
+def test_row_slots_index_each_rows_non_zeros_in_order():
+  x = _sparse_matrix([3, 0, 1, 2])
+  sparse = lorap_jax.SparseFeatures.from_dense(x)
+  nnz = sparse.values.shape[0]
+  # Row 0 owns entries 0..2, row 1 none, row 2 entry 3, row 3 entries 4, 5;
+  # the rest point one past the end (nnz).
+  np.testing.assert_array_equal(
+    sparse.row_slots,
+    [[0, 1, 2], [nnz, nnz, nnz], [3, nnz, nnz], [4, 5, nnz]],
+  )
+
+
+def test_rows_beyond_the_slot_limit_keep_the_coo_form():
+  x = _sparse_matrix(
+    [layers.MAX_ROW_SLOTS + 1, 2], n_features=layers.MAX_ROW_SLOTS + 8
+  )
+  sparse = lorap_jax.SparseFeatures.from_dense(x)
+  assert sparse.row_slots is None
+  w = np.random.default_rng(1).normal(size=(x.shape[1], 3)).astype(np.float32)
+  out = jax.jit(layers.matmul)(sparse, jnp.asarray(w))
+  np.testing.assert_allclose(out, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_row_slot_matmul_matches_coo_and_dense_with_gradients(use_jit):
+  """Values and gradients (of w and of the non-zeros, which A2Q-style
+  learned input steps would need) of the row-slot product against the COO
+  scatter and the dense product."""
+  x = _sparse_matrix([5, 0, 1, 7, 3, 2, 9, 4])
+  slotted = lorap_jax.SparseFeatures.from_dense(x)
+  assert slotted.row_slots.shape == (8, 9)
+  coo = slotted.replace(row_slots=None)
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(rng.normal(size=(x.shape[1], 6)).astype(np.float32))
+  cotangent = jnp.asarray(rng.normal(size=(8, 6)).astype(np.float32))
+
+  def loss(values, w, sparse):
+    out = layers.matmul(sparse.replace_values(values), w)
+    return jnp.sum(out * cotangent), out
+
+  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  if use_jit:
+    grad = jax.jit(grad)
+  (values_grad, w_grad), out = grad(slotted.values, w, slotted)
+  (coo_values_grad, coo_w_grad), coo_out = grad(coo.values, w, coo)
+  np.testing.assert_allclose(out, x @ np.asarray(w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, coo_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w_grad, coo_w_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    w_grad, x.T @ np.asarray(cotangent), rtol=1e-5, atol=1e-5
+  )
+  rows, cols = np.nonzero(x)
+  want_values_grad = np.sum(
+    np.asarray(w)[cols] * np.asarray(cotangent)[rows], axis=1
+  )
+  np.testing.assert_allclose(values_grad, coo_values_grad, rtol=1e-5)
+  np.testing.assert_allclose(
+    values_grad, want_values_grad, rtol=1e-5, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
