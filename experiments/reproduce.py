@@ -19,6 +19,11 @@ config's epochs). `--quick`: 2 seeds (node) or 2 folds x 1 seed (graph), a
 few epochs. `--reuse` reads back cells whose summary.json exists (refusing
 one whose config differs); a cell interrupted part-way resumes from its
 checkpoints either way. Rows say which protocol their run used.
+
+The table accumulates: a finished row already in `<results>/<name>.csv`
+stays (and keeps its place) when this run neither trains nor finds its
+cell, so the table can be filled a few datasets at a time, on several
+machines, without a run directory that holds every cell.
 """
 
 import argparse
@@ -42,8 +47,12 @@ PROMPTS = ("none", "lorap", "gpf", "gpf-lorap")
 # so they are left out of the default dataset list and a cell runs only when
 # named in --datasets; a summary with "test_mae_mean" fills its row.
 REGRESSION_DATASETS = ("aqsol",)
+# Generated graphs for scaling studies, not benchmarks of the paper's kind.
+SYNTHETIC_DATASETS = ("csbm",)
 DATASETS = tuple(
-  name for name in lorap_jax.DATASET_NAMES if name not in REGRESSION_DATASETS
+  name
+  for name in lorap_jax.DATASET_NAMES
+  if name not in REGRESSION_DATASETS + SYNTHETIC_DATASETS
 )
 # Architectures as the anchors use them: GCN on node tasks (GAT on request,
 # `--models gat`), GIN on graph tasks.
@@ -71,6 +80,19 @@ CSV_COLUMNS = (
   "anchor_mean",
   "anchor_std",
   "anchor_source",
+)
+
+
+# Columns written as numbers (read back as floats to format them again).
+NUMERIC_COLUMNS = (
+  "test_acc_mean",
+  "test_acc_std",
+  "val_acc_mean",
+  "test_mae_mean",
+  "test_mae_std",
+  "epoch_ms_median",
+  "anchor_mean",
+  "anchor_std",
 )
 
 
@@ -351,6 +373,52 @@ def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
   return lines
 
 
+def cell_of(row: dict) -> tuple:
+  return (row["dataset"], row["model"], row["framework"], row["prompt"])
+
+
+def earlier_rows(results: pathlib.Path, name: str) -> dict[tuple, dict]:
+  """The finished rows of an existing `<results>/<name>.csv`, by cell."""
+  path = results / f"{name}.csv"
+  if not path.exists():
+    return {}
+  with path.open(newline="") as file:
+    rows = list(csv.DictReader(file))
+  return {
+    cell_of(row): {
+      key: float(value) if key in NUMERIC_COLUMNS and value != "" else value
+      for key, value in row.items()
+    }
+    for row in rows
+    if row.get("status") == "done"
+  }
+
+
+def table_order(cell) -> tuple:
+  """Where a cell goes in the table: `plan`'s order, over every dataset."""
+  dataset, model, framework, prompt = cell
+  known = DATASETS + REGRESSION_DATASETS
+  return (
+    known.index(dataset) if dataset in known else len(known),
+    ("gcn", "gat", "gin").index(model),
+    (framework != "fp32", FRAMEWORKS.index(framework)),
+    PROMPTS.index(prompt),
+  )
+
+
+def merged_rows(fresh: dict[tuple, dict], earlier: dict[tuple, dict]):
+  """The table's cells and rows, in table order: this run's cells (an
+  earlier finished row stands in for a cell this run has not trained or
+  found) and the earlier table's other finished rows."""
+  rows = dict(earlier)
+  for cell, row in fresh.items():
+    if cell in earlier and not row["status"].startswith(("done", "failed")):
+      continue
+    rows[cell] = row
+  cells = sorted(rows, key=table_order)
+  return cells, [rows[cell] for cell in cells]
+
+
 def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
   """Writes `<results>/<name>.csv` and `.md`."""
   results.mkdir(parents=True, exist_ok=True)
@@ -369,7 +437,9 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     f"Written by `experiments/reproduce.py` on "
     f"{datetime.date.today().isoformat()}. Machine: {platform.machine()} "
     f"CPU, {_cpu_count()} cores, JAX {jax.__version__} on "
-    f"{device.platform} ({device.device_kind}).",
+    f"{device.platform} ({device.device_kind}). Finished rows of earlier "
+    "runs of the script (other days or machines) are kept where this run "
+    "did not train their cell.",
     "",
     "**Protocol** ("
     + (
@@ -505,19 +575,25 @@ def main(argv=None) -> int:
   out, results = pathlib.Path(args.out), pathlib.Path(args.results)
   name = args.name or ("quick" if args.quick else "full")
   overrides = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs}
-  rows = [table_row(out, cell) for cell in cells]
-  write_tables(rows, cells, results, name, args.quick, overrides)
+  earlier = earlier_rows(results, name)
+  fresh = {cell: table_row(out, cell) for cell in cells}
+
+  def write():
+    table_cells, rows = merged_rows(fresh, earlier)
+    write_tables(rows, table_cells, results, name, args.quick, overrides)
+
+  write()
   if args.table_only:
     return 0
-  for index, cell in enumerate(cells):
+  for cell in cells:
     if is_regression(cell[0]) and args.datasets is None:
       continue
     config = cell_config(*cell, quick=args.quick, overrides=overrides)
     status = run_cell(config, out / cell_name(*cell), reuse=args.reuse)
     print(f"{cell_name(*cell)}: {status}", flush=True)
-    rows[index] = table_row(out, cell)
+    fresh[cell] = table_row(out, cell)
     # Rewritten after every cell, so an interrupted run leaves a table.
-    write_tables(rows, cells, results, name, args.quick, overrides)
+    write()
   return 0
 
 

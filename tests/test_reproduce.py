@@ -116,3 +116,55 @@ def test_plan_and_bad_names(capsys):
   assert "--models gin fits none of the datasets" in capsys.readouterr().err
   assert reproduce.main(["--prompts=,"]) == 2
   assert "--prompts: unknown empty list" in capsys.readouterr().err
+
+
+def _fake_finished_cell(out, cell, accuracy):
+  """A cell's workdir with a summary, as a finished full-protocol run."""
+  config = reproduce.cell_config(*cell, quick=False)
+  workdir = out / reproduce.cell_name(*cell)
+  workdir.mkdir(parents=True)
+  summary = {
+    "num_runs": 10,
+    "test_acc_mean": accuracy,
+    "test_acc_std": 0.0123,
+    "val_acc_mean": 0.8,
+    "epoch_time_ms_median": 6.5,
+    "config": json.loads(config.to_json_best_effort()),
+  }
+  (workdir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_table_keeps_earlier_finished_rows(tmp_path):
+  """Filling the table a dataset at a time, from run directories that each
+  hold only some cells, keeps what earlier runs finished."""
+  results = tmp_path / "results"
+  first, second = tmp_path / "first", tmp_path / "second"
+  cora = ("cora", "gcn", "qat", "none")
+  _fake_finished_cell(first, cora, 0.7531)
+  common = [f"--results={results}", "--name=t", "--table-only"]
+  cora_args = ["--datasets=cora", "--frameworks=qat", "--prompts=none"]
+  assert reproduce.main([*cora_args, f"--out={first}", *common]) == 0
+  [row] = _read_csv(results / "t.csv")
+  assert (row["status"], row["test_acc_mean"]) == ("done", "75.31")
+
+  # Another dataset from another run directory: the cora row stays, first.
+  mutag_args = ["--datasets=mutag", "--frameworks=fp32"]
+  assert reproduce.main([*mutag_args, f"--out={second}", *common]) == 0
+  rows = _read_csv(results / "t.csv")
+  assert [reproduce.cell_of(r) for r in rows] == [
+    cora,
+    ("mutag", "gin", "fp32", "none"),
+  ]
+  assert rows[0] == row
+  assert rows[1]["status"] == "not run"
+  markdown = (results / "t.md").read_text()
+  assert "| qat | none | 75.3 ± 1.2 | 10 runs (seeds) | full |" in markdown
+  assert "## mutag, GIN" in markdown
+
+  # The same cell, not found in this run's directory: the earlier row
+  # stands; found with a new result: the new row replaces it.
+  assert reproduce.main([*cora_args, f"--out={second}", *common]) == 0
+  assert _read_csv(results / "t.csv")[0] == row
+  _fake_finished_cell(second, cora, 0.8)
+  assert reproduce.main([*cora_args, f"--out={second}", *common]) == 0
+  assert _read_csv(results / "t.csv")[0]["test_acc_mean"] == "80.0"
