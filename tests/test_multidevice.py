@@ -27,6 +27,9 @@ def test_multidevice_suite_on_eight_virtual_cpus():
       "-q",
       "-p",
       "no:cacheprovider",
+      # In this one process: the suite's workers already use every core.
+      "-n",
+      "0",
       str(tests),
     ],
     env=env,
