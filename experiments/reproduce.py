@@ -20,10 +20,11 @@ few epochs. `--reuse` reads back cells whose summary.json exists (refusing
 one whose config differs); a cell interrupted part-way resumes from its
 checkpoints either way. Rows say which protocol their run used.
 
-The table accumulates: a finished row already in `<results>/<name>.csv`
-stays (and keeps its place) when this run neither trains nor finds its
-cell, so the table can be filled a few datasets at a time, on several
-machines, without a run directory that holds every cell.
+The table accumulates: it keeps every cell of an existing
+`<results>/<name>.csv`, and a finished row there stays when this run
+neither trains nor finds its cell, so the table can be filled a few
+datasets at a time, on several machines, without a run directory that
+holds every cell.
 """
 
 import argparse
@@ -378,7 +379,7 @@ def cell_of(row: dict) -> tuple:
 
 
 def earlier_rows(results: pathlib.Path, name: str) -> dict[tuple, dict]:
-  """The finished rows of an existing `<results>/<name>.csv`, by cell."""
+  """The rows of an existing `<results>/<name>.csv`, by cell."""
   path = results / f"{name}.csv"
   if not path.exists():
     return {}
@@ -390,7 +391,6 @@ def earlier_rows(results: pathlib.Path, name: str) -> dict[tuple, dict]:
       for key, value in row.items()
     }
     for row in rows
-    if row.get("status") == "done"
   }
 
 
@@ -406,17 +406,21 @@ def table_order(cell) -> tuple:
   )
 
 
-def merged_rows(fresh: dict[tuple, dict], earlier: dict[tuple, dict]):
-  """The table's cells and rows, in table order: this run's cells (an
-  earlier finished row stands in for a cell this run has not trained or
-  found) and the earlier table's other finished rows."""
-  rows = dict(earlier)
-  for cell, row in fresh.items():
-    if cell in earlier and not row["status"].startswith(("done", "failed")):
-      continue
-    rows[cell] = row
-  cells = sorted(rows, key=table_order)
-  return cells, [rows[cell] for cell in cells]
+def merged_rows(fresh: dict, earlier: dict, out: pathlib.Path):
+  """The table's cells and rows, in table order: every cell of the earlier
+  table and of this run. A cell's row is what `out` holds for it, unless
+  that is no result (not run, interrupted) and the earlier table has a
+  finished row for it."""
+  cells = sorted(set(earlier) | set(fresh), key=table_order)
+  rows = []
+  for cell in cells:
+    row = fresh[cell] if cell in fresh else table_row(out, cell)
+    kept = earlier.get(cell)
+    finished = row["status"].startswith(("done", "failed"))
+    if kept is not None and kept["status"] == "done" and not finished:
+      row = kept
+    rows.append(row)
+  return cells, rows
 
 
 def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
@@ -579,7 +583,7 @@ def main(argv=None) -> int:
   fresh = {cell: table_row(out, cell) for cell in cells}
 
   def write():
-    table_cells, rows = merged_rows(fresh, earlier)
+    table_cells, rows = merged_rows(fresh, earlier, out)
     write_tables(rows, table_cells, results, name, args.quick, overrides)
 
   write()

@@ -157,6 +157,12 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
   ]
   assert rows[0] == row
   assert rows[1]["status"] == "not run"
+  # A cell never run keeps its place in the table too.
+  assert reproduce.main([*cora_args, f"--out={first}", *common]) == 0
+  assert [r["status"] for r in _read_csv(results / "t.csv")] == [
+    "done",
+    "not run",
+  ]
   markdown = (results / "t.md").read_text()
   assert "| qat | none | 75.3 ± 1.2 | 10 runs (seeds) | full |" in markdown
   assert "## mutag, GIN" in markdown
