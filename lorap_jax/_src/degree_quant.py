@@ -126,4 +126,7 @@ def protection_probability(
 
 def sample_protection(key: jax.Array, probability: jax.Array) -> jax.Array:
   """bool [n_nodes]: True where a node is protected (kept in FP32)."""
-  return jax.random.bernoulli(key, probability)
+  # The barrier materialises the mask once: otherwise XLA fuses the random
+  # draw into its consumers and re-runs the hash per gathered element
+  # (per message, per non-zero feature, times the width).
+  return jax.lax.optimization_barrier(jax.random.bernoulli(key, probability))

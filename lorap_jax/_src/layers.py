@@ -188,13 +188,19 @@ def _row_slot_matmul(values, w, rows, cols, row_slots):
 
 
 def _row_slot_matmul_fwd(values, w, rows, cols, row_slots):
+  # Materialised once for both passes: otherwise XLA fuses the values'
+  # quantizer (and Degree-Quant's protection select) into the backward
+  # pass's [nnz, d] product and recomputes it d times per non-zero. The
+  # same holds for the incoming gradient (a clipped STE's mask).
+  values = jax.lax.optimization_barrier(values)
   out = _row_slot_matmul(values, w, rows, cols, row_slots)
   return out, (values, w, rows, cols)
 
 
 def _row_slot_matmul_bwd(residuals, g):
   values, w, rows, cols = residuals
-  g_rows = g[rows]
+  # Materialised before the gather, for the same reason as the values.
+  g_rows = jax.lax.optimization_barrier(g)[rows]
   grad_w = jax.ops.segment_sum(
     values[:, None] * g_rows, cols, num_segments=w.shape[0]
   )
@@ -331,6 +337,35 @@ def _aggregate_and_prompt(
   # a no-op unless that collection is mutable.
   layer.sow(INTERMEDIATES, "aggregate", s_star)
   return s_star
+
+
+class Dropout(nn.Dropout):
+  """`nn.Dropout` with its keep-mask materialised once per step.
+
+  Without the barrier XLA fuses the mask's random draw into each consumer,
+  and the backward pass re-runs the Threefry hash for every element (two
+  [2708, 64] hashes per Cora step). Same module name, random stream and
+  result as `nn.Dropout`.
+  """
+
+  @nn.compact
+  def __call__(self, inputs, deterministic=None, rng=None):
+    deterministic = nn.merge_param(
+      "deterministic", self.deterministic, deterministic
+    )
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = list(inputs.shape)
+    for dim in self.broadcast_dims:
+      shape[dim] = 1
+    mask = jax.random.bernoulli(rng, p=keep_prob, shape=shape)
+    mask = jnp.broadcast_to(jax.lax.optimization_barrier(mask), inputs.shape)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 class _QuantLayer(nn.Module):
@@ -615,7 +650,7 @@ class QuantGATConv(_QuantLayer):
     )
     alpha = segment_softmax(logits, receivers, n_nodes)  # [n_edges, heads]
     if train and self.attention_dropout > 0:
-      alpha = nn.Dropout(self.attention_dropout, deterministic=False)(alpha)
+      alpha = Dropout(self.attention_dropout, deterministic=False)(alpha)
     messages = alpha[..., None] * xw[senders]
     messages = self.qpoint(
       "message", messages, bits=bits, train=train, rows=rows.gather(senders)

@@ -77,7 +77,7 @@ def feature_dropout(
   """Dropout on dense features, or on the non-zeros of sparse ones."""
   if not train or rate == 0.0:
     return x
-  drop = nn.Dropout(rate, deterministic=False)
+  drop = layers.Dropout(rate, deterministic=False)
   if isinstance(x, layers.SparseFeatures):
     return x.replace_values(drop(x.values))
   return drop(x)
