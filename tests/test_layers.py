@@ -10,6 +10,7 @@ taken from the tensor it quantizes (fresh statistics).
 import warnings
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
@@ -557,3 +558,24 @@ class SegmentSoftmaxTest(chex.TestCase):
       shifted = logits[rows] - logits[rows].max(axis=0)
       want[rows] = np.exp(shifted) / np.exp(shifted).sum(axis=0)
     chex.assert_trees_all_close(alpha, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("broadcast_dims", [(), (1,)])
+def test_dropout_matches_flax_dropout_and_its_gradient(broadcast_dims):
+  """`layers.Dropout` (its mask materialised once) gives `nn.Dropout`'s
+  output and gradient bit for bit, for the same random stream."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(50, 8)), jnp.float32)
+
+  def run(module_class, x):
+    module = module_class(0.4, broadcast_dims=broadcast_dims)
+    return module.apply({}, x, deterministic=False, rngs={"dropout": key})
+
+  key = jax.random.key(3)
+  for fn in (run, jax.grad(lambda m, x: jnp.sum(run(m, x) ** 2), argnums=1)):
+    ours = jax.jit(fn, static_argnums=0)(layers.Dropout, x)
+    want = jax.jit(fn, static_argnums=0)(nn.Dropout, x)
+    np.testing.assert_array_equal(ours, want)
+  assert 0 < float(jnp.mean(run(layers.Dropout, x) == 0)) < 1
+  np.testing.assert_array_equal(
+    layers.Dropout(0.4).apply({}, x, deterministic=True), x
+  )
