@@ -519,18 +519,10 @@ class ObserveTest(chex.TestCase):
     lo, hi = observe(jnp.asarray(self.X), jnp.zeros((40, 1), bool))
     chex.assert_trees_all_close((lo, hi), (0.0, 0.0), atol=0)
 
-  @pytest.mark.xfail(
-    strict=True,
-    reason=(
-      "observe_percentile computes k = floor(n * p) in float32, not "
-      "int(n * p) in float64 as torch/Degree-Quant do: k is off by one "
-      "where n * p lies just below an integer"
-    ),
-  )
   def test_percentile_index_rule_in_float64(self):
     # n * p just below an integer in float64, rounded up to it in float32:
-    # int(90 * 0.7) = 62 but the library takes the 63rd smallest;
-    # int(17001 * 0.999) = 16983 but the library takes the 16984th.
+    # int(90 * 0.7) = 62, where float32's floor gives 63;
+    # int(17001 * 0.999) = 16983, where float32's floor gives 16984.
     for fraction, n in ((0.3, 90), (0.001, 17001), (0.29, 100)):
       x = np.arange(n, dtype=np.float32)[::-1].copy()  # k-th smallest = k - 1
       lo, hi = lorap_jax.observe_percentile(jnp.asarray(x), fraction)
@@ -541,6 +533,13 @@ class ObserveTest(chex.TestCase):
         (float(lo), float(hi)),
         want,
       )
+      # The same n as a traced count of the unmasked elements of a larger
+      # tensor, under jit.
+      padded = np.concatenate([x, np.full(n // 3, 1e6, np.float32)])
+      mask = np.arange(padded.size) < n
+      observe = jax.jit(lorap_jax.observe_percentile, static_argnums=1)
+      lo, hi = observe(jnp.asarray(padded), fraction, jnp.asarray(mask))
+      assert (float(lo), float(hi)) == (float(want[0]), float(want[1]))
 
 
 class RangeStateTest(chex.TestCase):

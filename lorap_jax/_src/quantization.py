@@ -302,6 +302,39 @@ def _kth_smallest(values: jax.Array, keep, k_lo, k_hi, tail: int):
   return smallest[k_lo - 1], largest[jnp.clip(n - k_hi, 0, tail - 1)]
 
 
+# Counts up to this many get Python's float64 kthvalue index exactly; above
+# it the table of corrections would grow too large to embed in the program,
+# and the index is float32's floor(n * p), which can be one lower or higher
+# where n * p lies within float32 rounding of an integer.
+EXACT_INDEX_LIMIT = 1 << 22
+
+
+@functools.lru_cache(maxsize=64)
+def _float64_index_fixes(size: int, factor: float):
+  """The counts n <= size where float32 floor(n * factor) misses Python's
+  int(n * factor) (float64 arithmetic, as Degree-Quant computes its
+  kthvalue indices), sorted, and Python's values there (host side)."""
+  n = np.arange(size + 1, dtype=np.int64)
+  want = np.floor(n * factor)
+  got = np.floor(n.astype(np.float32) * np.float32(factor))
+  wrong = want != got
+  return n[wrong].astype(np.int32), want[wrong].astype(np.int32)
+
+
+def _python_floor_product(count: jax.Array, factor: float, size: int):
+  """int(count * factor) as Python computes it, for a traced int32 count of
+  at most `size` (exact up to `EXACT_INDEX_LIMIT`)."""
+  k = jnp.floor(count.astype(jnp.float32) * factor).astype(jnp.int32)
+  if size > EXACT_INDEX_LIMIT:
+    return k
+  counts, values = _float64_index_fixes(size, float(factor))
+  if counts.size == 0:
+    return k
+  at = jnp.minimum(jnp.searchsorted(counts, count), counts.size - 1)
+  counts, values = jnp.asarray(counts), jnp.asarray(values)
+  return jnp.where(counts[at] == count, values[at], k)
+
+
 def observe_percentile(
   x: jax.Array,
   fraction: float,
@@ -314,7 +347,9 @@ def observe_percentile(
   Degree-Quant takes the k-th smallest value with k = max(1, int(n * p)) for
   the low end and k = int(n * (1 - p)) for the high end (1-indexed), over the
   unmasked elements only (n of them, a traced count: masked elements are
-  pushed out of reach, so shapes stay static).
+  pushed out of reach, so shapes stay static). k is Python's float64 product
+  exactly (a host-side table corrects float32's floor where the two differ)
+  for tensors of up to `EXACT_INDEX_LIMIT` elements.
 
   Args:
     x: any shape.
@@ -350,9 +385,11 @@ def observe_percentile(
     keep = jnp.ones(flat.shape, bool)
     if mask is not None:
       keep = jnp.broadcast_to(mask, x.shape).reshape(-1)
-  n = jnp.sum(keep).astype(jnp.float32)
-  k_lo = jnp.maximum(1.0, jnp.floor(n * fraction)).astype(jnp.int32)
-  k_hi = jnp.maximum(1.0, jnp.floor(n * (1.0 - fraction))).astype(jnp.int32)
+  count = jnp.sum(keep, dtype=jnp.int32)
+  size = flat.shape[0]
+  k_lo = jnp.maximum(1, _python_floor_product(count, fraction, size))
+  k_hi = jnp.maximum(1, _python_floor_product(count, 1.0 - fraction, size))
+  n = count.astype(jnp.float32)
   tail = min(flat.shape[0], int(np.ceil(flat.shape[0] * fraction)) + 2)
   lo, hi = _kth_smallest(flat, keep, k_lo, k_hi, tail)
   empty = n == 0
