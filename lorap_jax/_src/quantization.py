@@ -389,10 +389,9 @@ def observe_percentile(
   size = flat.shape[0]
   k_lo = jnp.maximum(1, _python_floor_product(count, fraction, size))
   k_hi = jnp.maximum(1, _python_floor_product(count, 1.0 - fraction, size))
-  n = count.astype(jnp.float32)
-  tail = min(flat.shape[0], int(np.ceil(flat.shape[0] * fraction)) + 2)
+  tail = min(size, int(np.ceil(size * fraction)) + 2)
   lo, hi = _kth_smallest(flat, keep, k_lo, k_hi, tail)
-  empty = n == 0
+  empty = count == 0
   return jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
 
 
