@@ -166,16 +166,24 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
 def relevant_config(config: dict) -> dict:
   """The config fields a cell's results depend on.
 
-  Leaves out the data directory, the checkpoint cadence, and the settings
-  of the frameworks the cell does not use, so runs saved before a field was
-  added to another framework's section still count as the same protocol.
+  Leaves out the data directory, the checkpoint cadence, the batches'
+  padding (`train.padding_growth`: the same sums, other random streams),
+  and the settings of the frameworks the cell does not use, so runs saved
+  before a field was added to another framework's section still count as
+  the same protocol.
   """
   unused = {"dq", "a2q", "mixq"} - {config["quant"]["framework"]}
-  return {
+  relevant = {
     key: value
     for key, value in config.items()
     if key not in unused | {"data_dir", "checkpoint"}
   }
+  relevant["train"] = {
+    key: value
+    for key, value in relevant.get("train", {}).items()
+    if key != "padding_growth"
+  }
+  return relevant
 
 
 def differences(saved: dict, wanted: dict, prefix="") -> list[str]:

@@ -305,6 +305,57 @@ def test_make_budgets(load):
   assert sum(most_edges) <= budgets[-1].n_edge
 
 
+def test_budget_ladder_pads_each_batch_by_at_most_its_growth(load):
+  """With `growth`, a batch's budget is within `growth` of what it needs
+  (nodes and edges scaled together, a quarter batch at least, rounded to
+  64), the ladder ends at the worst case, and padding an epoch's batches
+  costs far less than with the three coarse budgets."""
+  dataset = load("proteins")
+  batch_size, growth = 32, 1.1
+  ladder = data.make_budgets(dataset.graphs, batch_size, growth=growth)
+  coarse = data.make_budgets(dataset.graphs, batch_size)
+  assert ladder[-1] == coarse[-1]  # Both end at the batch of the largest.
+  assert [b.n_node for b in ladder] == sorted(b.n_node for b in ladder)
+  assert [b.n_edge for b in ladder] == sorted(b.n_edge for b in ladder)
+  n_node = np.array([int(g.n_node[0]) for g in dataset.graphs])
+  n_edge = np.array([int(g.n_edge[0]) for g in dataset.graphs])
+  mean_nodes, mean_edges = (
+    batch_size * n_node.mean(),
+    batch_size * n_edge.mean(),
+  )
+  padded = {"ladder": 0, "coarse": 0}
+  indices = dataset.folds[0].train
+  for name, budgets in (("ladder", ladder), ("coarse", coarse)):
+    rng = np.random.default_rng(0)
+    for batch in data.iterate_batches(
+      dataset, indices, batch_size, budgets, shuffle=True, rng=rng
+    ):
+      nodes, edges = len(batch.graph.nodes), len(batch.graph.senders)
+      padded[name] += nodes + edges
+      if name == "ladder":
+        real = int(batch.graph_mask.sum())
+        need = max(
+          0.25,
+          (int(batch.graph.n_node[:real].sum()) + 1) / mean_nodes,
+          int(batch.graph.n_edge[:real].sum()) / mean_edges,
+        )
+        assert nodes <= growth * need * mean_nodes + 1 + 64
+        assert edges <= growth * need * mean_edges + 1 + 64
+  real = int(n_node[indices].sum() + n_edge[indices].sum())
+  assert padded["ladder"] < 1.15 * real < padded["coarse"]
+
+
+def test_make_budgets_rejects_a_ladder_that_does_not_grow(load):
+  graphs = load("mutag").graphs
+  for growth in (1.0, 0.5, -2.0):
+    with pytest.raises(ValueError, match="growth must be 0"):
+      data.make_budgets(graphs, 8, growth=growth)
+  # Graphs without edges: the nodes set the ladder.
+  edgeless = [g._replace(n_edge=np.array([0], np.int32)) for g in graphs]
+  budgets = data.make_budgets(edgeless, 8, growth=1.2)
+  assert all(b.n_edge == 64 for b in budgets) and len(budgets) > 3
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_iterate_batches_covers_an_epoch(load, shuffle):
   dataset = load("proteins")

@@ -97,6 +97,31 @@ def test_one_graph_histogram_path_matches_the_sort_path():
   assert degree.max() > n // 4  # Heavy repeats: degrees well above average.
 
 
+def test_packed_key_path_matches_the_pair_sort():
+  """Batches sort one packed (graph, degree) key; the two-key sort it
+  replaces gives the same F, with multi-edges, isolated nodes, an empty
+  graph and padding."""
+  rng = np.random.default_rng(4)
+  batch, _ = _random_batch(rng, [7, 1, 30, 0, 12])
+  # Repeated edges into graph 0's nodes: degrees far above its size (they
+  # are counted with the padding graph's edges; F reads receivers only).
+  heavy = rng.integers(0, 5, size=60).astype(np.int32)
+  batch = batch._replace(
+    senders=np.concatenate([batch.senders, heavy]),
+    receivers=np.concatenate([batch.receivers, heavy]),
+    n_edge=batch.n_edge + np.eye(len(batch.n_edge), dtype=np.int32)[-1] * 60,
+  )
+  n_nodes = batch.nodes.shape[0]
+  degree = np.bincount(batch.receivers, minlength=n_nodes).astype(np.int32)
+  graph_id = np.repeat(np.arange(len(batch.n_node)), batch.n_node)
+  pairs = np.asarray(degree_quant._lexsorted_cdf(degree, graph_id, batch))
+  packed = degree_quant._packed_key_cdf(degree, graph_id, batch)
+  np.testing.assert_array_equal(np.asarray(packed), pairs)
+  jitted = jax.jit(degree_quant.in_degree_cdf)(batch)
+  np.testing.assert_array_equal(np.asarray(jitted), pairs)
+  assert degree[:5].max() > 7  # Above graph 0's size.
+
+
 def test_protection_probability_on_a_star():
   # Hub 0 with in-degree 4; leaves with in-degree 1: F = 1 and 4/5.
   senders = np.array([1, 2, 3, 4, 0, 0, 0, 0], np.int32)

@@ -174,3 +174,23 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
   _fake_finished_cell(second, cora, 0.8)
   assert reproduce.main([*cora_args, f"--out={second}", *common]) == 0
   assert _read_csv(results / "t.csv")[0]["test_acc_mean"] == "80.0"
+
+
+def test_runs_saved_before_a_setting_that_changes_no_result_still_count():
+  """The padding ladder and the checkpoint cadence change no result: a cell
+  saved without them (or with other values) is the same protocol; a
+  changed learning rate is not."""
+  wanted = json.loads(
+    reproduce.cell_config(
+      "mutag", "gin", "qat", "none", quick=False
+    ).to_json_best_effort()
+  )
+  saved = json.loads(json.dumps(wanted))
+  del saved["train"]["padding_growth"]
+  saved["checkpoint"]["every"] = 3
+  same = reproduce.relevant_config(saved) == reproduce.relevant_config(wanted)
+  assert same
+  saved["train"]["learning_rate"] = 0.5
+  assert reproduce.differences(
+    reproduce.relevant_config(saved), reproduce.relevant_config(wanted)
+  ) == ["train.learning_rate: saved 0.5, wanted 0.01"]

@@ -1542,6 +1542,7 @@ def train_and_evaluate(
         dataset.graphs,
         config.train.batch_size,
         shards=data_parallel_mesh(config).size,
+        growth=config.train.padding_growth,
       )
       total = len(folds) * config.seeds * epochs_per_run(config)
       run_graph, run_checkpointer = (

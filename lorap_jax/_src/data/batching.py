@@ -88,30 +88,37 @@ def make_budgets(
   num_budgets: int = 3,
   *,
   shards: int = 1,
+  growth: float = 0.0,
 ) -> tuple[PaddingBudget, ...]:
-  """Chooses a few padding budgets that fit every batch of `graphs`.
+  """Chooses padding budgets that fit every batch of `graphs`.
 
   The largest budget fits the `batch_size` largest graphs together, so any
-  batch fits it. The smallest fits the largest of a few random batches, i.e.
-  a typical batch, and the ones between are spaced geometrically. All sizes
-  are multiples of 64, and each budget has room for one padding node and
-  one padding graph, as `jraph.pad_with_graphs` needs.
+  batch fits it. With `growth` 0, there are `num_budgets`: the smallest
+  fits the largest of a few random batches, i.e. a typical batch, and the
+  ones between are spaced geometrically. With `growth` > 1, a finer ladder
+  replaces them: budgets from a quarter of a mean batch, each `growth`
+  times the last in both nodes and edges, so a batch pads by less than
+  that factor (plus the rounding); only the sizes batches use compile.
+  All sizes are multiples of 64, and each budget has room for one padding
+  node and one padding graph, as `jraph.pad_with_graphs` needs.
 
   Args:
     graphs: The graphs batches are drawn from (normally all of a dataset).
     batch_size: The largest number of graphs in a batch.
-    num_budgets: How many budgets to make; fewer come back when sizes
-      coincide after rounding.
+    num_budgets: How many budgets to make without `growth`; fewer come back
+      when sizes coincide after rounding.
     shards: Devices a batch is split over: every size is also a multiple
       of it (the extra graphs are empty padding graphs).
+    growth: The ratio between consecutive budgets of the fine ladder, or 0
+      for `num_budgets` budgets.
 
   Returns:
     Budgets in increasing order, each with ``n_graph = batch_size + 1``
     (rounded up to a multiple of `shards`).
 
   Raises:
-    ValueError: If `graphs` is empty or `batch_size`, `num_budgets` or
-      `shards` is below 1.
+    ValueError: If `graphs` is empty, `batch_size`, `num_budgets` or
+      `shards` is below 1, or `growth` is neither 0 nor above 1.
   """
   if not graphs:
     raise ValueError("make_budgets needs at least one graph, got none.")
@@ -120,26 +127,39 @@ def make_budgets(
       "batch_size, num_budgets and shards must be at least 1, got "
       f"{batch_size}, {num_budgets} and {shards}."
     )
+  if not (growth == 0.0 or growth > 1.0):
+    raise ValueError(
+      f"growth must be 0 (a few budgets) or above 1 (a ladder), got {growth}."
+    )
   n_node = np.array([int(np.sum(g.n_node)) for g in graphs], dtype=np.int64)
   n_edge = np.array([int(np.sum(g.n_edge)) for g in graphs], dtype=np.int64)
   per_batch = min(batch_size, len(graphs))
   # +1: the padding graph needs at least one node of its own.
   worst_nodes = np.sort(n_node)[-per_batch:].sum() + 1
   worst_edges = np.sort(n_edge)[-per_batch:].sum() + 1
-  rng = np.random.default_rng(0)
-  samples = [
-    rng.choice(len(graphs), size=per_batch, replace=False)
-    for _ in range(_NUM_SIMULATED_BATCHES)
-  ]
-  typical_nodes = max(n_node[s].sum() for s in samples) + 1
-  typical_edges = max(n_edge[s].sum() for s in samples) + 1
   multiple = math.lcm(_SIZE_MULTIPLE, shards)
-  node_sizes = _geometric_sizes(
-    typical_nodes, worst_nodes, num_budgets, multiple
-  )
-  edge_sizes = _geometric_sizes(
-    typical_edges, worst_edges, num_budgets, multiple
-  )
+  if growth:
+    node_sizes, edge_sizes = _ladder(
+      per_batch * n_node.mean(),
+      per_batch * n_edge.mean(),
+      (worst_nodes, worst_edges),
+      growth,
+      multiple,
+    )
+  else:
+    rng = np.random.default_rng(0)
+    samples = [
+      rng.choice(len(graphs), size=per_batch, replace=False)
+      for _ in range(_NUM_SIMULATED_BATCHES)
+    ]
+    typical_nodes = max(n_node[s].sum() for s in samples) + 1
+    typical_edges = max(n_edge[s].sum() for s in samples) + 1
+    node_sizes = _geometric_sizes(
+      typical_nodes, worst_nodes, num_budgets, multiple
+    )
+    edge_sizes = _geometric_sizes(
+      typical_edges, worst_edges, num_budgets, multiple
+    )
   n_graph = _round_up(batch_size + 1, shards)
   budgets = sorted(
     {
@@ -148,6 +168,38 @@ def make_budgets(
     }
   )
   return tuple(budgets)
+
+
+def _ladder(
+  mean_nodes: float,
+  mean_edges: float,
+  worst: tuple[int, int],
+  growth: float,
+  multiple: int,
+) -> tuple[list[int], list[int]]:
+  """Node and edge sizes growing together by `growth`, up to `worst`.
+
+  Step i holds ``growth**i / 4`` of a mean batch in both counts, so a
+  batch's nodes and edges fit the same step as closely as their ratio
+  allows; the last step is `worst` itself.
+  """
+  worst_nodes, worst_edges = worst
+  top = max(
+    count / mean
+    for count, mean in ((worst_nodes, mean_nodes), (worst_edges, mean_edges))
+    if mean > 0  # Graphs without edges: the nodes set the ladder.
+  )
+  scales = [0.25]
+  while scales[-1] * growth < top:
+    scales.append(scales[-1] * growth)
+  node_sizes = [_round_up(s * mean_nodes + 1, multiple) for s in scales]
+  edge_sizes = [_round_up(s * mean_edges + 1, multiple) for s in scales]
+  node_sizes.append(_round_up(worst_nodes, multiple))
+  edge_sizes.append(_round_up(worst_edges, multiple))
+  return (
+    [min(size, node_sizes[-1]) for size in node_sizes],
+    [min(size, edge_sizes[-1]) for size in edge_sizes],
+  )
 
 
 def _smallest_fitting_budget(
