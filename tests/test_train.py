@@ -96,6 +96,10 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
     (["--dataset=cora", "--rank=0"], "--rank=0 must be at least 1"),
     (["--dataset=cora", "--num-prompts=-2"], "--num-prompts=-2 must be"),
     (["--dataset=cora", "--set", "train.nope=1"], "unknown config field"),
+    (
+      ["--dataset=mutag", "--set", "train.padding_growth=0.9"],
+      r"train.padding_growth=0.9 must be 0 \(three coarse padding sizes\)",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):

@@ -1396,6 +1396,12 @@ def _validate(config) -> None:
     value = section[name]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r} must be an integer >= 1")
+  growth = config.train.get("padding_growth", 0.0)
+  if not (growth == 0.0 or growth > 1.0):
+    raise ValueError(
+      f"train.padding_growth={growth!r} must be 0 (three coarse padding "
+      "sizes) or above 1 (the ratio between consecutive sizes)"
+    )
   sampler = config.train.get("sampler", "full")
   if sampler not in config_lib.SAMPLERS:
     raise ValueError(
