@@ -231,6 +231,11 @@ def run_cell(config, workdir: pathlib.Path, *, reuse: bool) -> str:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
     return "failed"
+  finally:
+    # Each cell compiles its own programs, which the next cell never
+    # reuses; kept, their code mappings reached the kernel's 65,530 limit
+    # after about 40 quick cells and LLVM aborted the process.
+    jax.clear_caches()
   return "trained"
 
 
