@@ -40,6 +40,7 @@ _FLAG_TO_CONFIG = {
   "dropout": ("model.dropout", float),
   "seeds": ("seeds", int),
   "folds": ("folds", int),
+  "first_fold": ("first_fold", int),
   "data_dir": ("data_dir", str),
   "vmap_seeds": ("vmap_seeds", bool),
   "devices": ("devices", int),
@@ -117,6 +118,11 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--dropout", type=float)
   train.add_argument("--seeds", type=int, help="runs (per fold)")
   train.add_argument("--folds", type=int, help="CV folds to run, 1..10")
+  train.add_argument(
+    "--first-fold",
+    type=int,
+    help="graph tasks: the first fold to run, 0-based (default 0)",
+  )
   train.add_argument(
     "--devices",
     type=int,

@@ -105,6 +105,9 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   # --- Runs ---------------------------------------------------------------
   config.seeds = 10 if node_task else 1
   config.folds = 10  # Graph tasks: how many of the 10 CV folds to run.
+  # Graph tasks: the first fold run (0-based), so that a long protocol can
+  # be split over machines or sessions: folds first_fold .. + folds - 1.
+  config.first_fold = 0
   config.vmap_seeds = False  # Node tasks: train all seeds in one program.
   # Graph tasks: devices each batch is split over (data parallel); 0: all
   # that JAX sees, n: the first n. Node tasks train on the first device.

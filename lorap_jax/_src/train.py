@@ -1396,6 +1396,9 @@ def _validate(config) -> None:
     value = section[name]
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r} must be an integer >= 1")
+  first_fold = config.get("first_fold", 0)
+  if not isinstance(first_fold, int) or first_fold < 0:
+    raise ValueError(f"first_fold={first_fold!r} must be an integer >= 0")
   growth = config.train.get("padding_growth", 0.0)
   if not (growth == 0.0 or growth > 1.0):
     raise ValueError(
@@ -1425,9 +1428,9 @@ def train_and_evaluate(
   Node datasets: `config.seeds` runs on the public split, full batch, or
   on neighbour-sampled mini-batches with ``train.sampler="neighbor"``
   (`sampled_training`, large graphs). Graph datasets:
-  `config.folds` CV folds x `config.seeds` runs each. In every run the test
-  accuracy is read at the epoch chosen on validation data
-  (`config.train.selection`).
+  `config.folds` CV folds (from `config.first_fold`) x `config.seeds` runs
+  each. In every run the test accuracy is read at the epoch chosen on
+  validation data (`config.train.selection`).
 
   Writes to `workdir`: `config.json`, `metrics.jsonl` (one line per epoch
   and run), `summary.json`, and orbax checkpoints under `checkpoints/`
@@ -1543,7 +1546,7 @@ def train_and_evaluate(
               )
             records.append(record)
     else:
-      folds = dataset.folds[: config.folds]
+      folds = _selected_folds(config, dataset)
       budgets = data_lib.make_budgets(
         dataset.graphs,
         config.train.batch_size,
@@ -1557,7 +1560,7 @@ def train_and_evaluate(
         else (_train_graph_run, checkpointer)
       )
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
-        for fold_index, fold in enumerate(folds):
+        for fold_index, fold in folds:
           for seed in seeds:
             bar.set_description(f"fold {fold_index} seed {seed}")
             record = run_graph(
@@ -1579,6 +1582,18 @@ def train_and_evaluate(
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   summary["states"] = [r.state for r in records]
   return summary
+
+
+def _selected_folds(config, dataset) -> list[tuple[int, data_lib.Fold]]:
+  """(index, fold) of the config's folds, refusing ones the dataset lacks."""
+  first = config.get("first_fold", 0)
+  if first + config.folds > len(dataset.folds):
+    raise ValueError(
+      f"first_fold={first} with folds={config.folds} asks for folds {first}.."
+      f"{first + config.folds - 1}, but {config.dataset} has "
+      f"{len(dataset.folds)} (0..{len(dataset.folds) - 1})"
+    )
+  return list(enumerate(dataset.folds))[first : first + config.folds]
 
 
 def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
