@@ -173,7 +173,8 @@ def relevant_config(config: dict) -> dict:
   padding (`train.padding_growth`: the same sums, other random streams),
   and the settings of the frameworks the cell does not use, so runs saved
   before a field was added to another framework's section still count as
-  the same protocol.
+  the same protocol. A run saved before `first_fold` existed started at
+  fold 0.
   """
   unused = {"dq", "a2q", "mixq"} - {config["quant"]["framework"]}
   relevant = {
@@ -181,6 +182,7 @@ def relevant_config(config: dict) -> dict:
     for key, value in config.items()
     if key not in unused | {"data_dir", "checkpoint"}
   }
+  relevant.setdefault("first_fold", 0)
   relevant["train"] = {
     key: value
     for key, value in relevant.get("train", {}).items()
