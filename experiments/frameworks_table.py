@@ -31,6 +31,7 @@ import numpy as np
 from foundation_table import cell
 
 import lorap_jax
+from lorap_jax._src import train as train_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -135,7 +136,8 @@ def run_folds(config, out, name, folds_csv) -> dict:
   """
   digest = protocol_digest(config)
   done = finished_folds(folds_csv, digest)
-  for fold in range(config.first_fold, config.first_fold + config.folds):
+  wanted = range(config.first_fold, config.first_fold + config.folds)
+  for fold in wanted:
     if fold in done:
       continue
     fold_config = config.copy_and_resolve_references()
@@ -155,15 +157,13 @@ def run_folds(config, out, name, folds_csv) -> dict:
     append_fold(folds_csv, row)
     done[fold] = row
     print(f"{name} fold {fold}: test {100 * row['test_acc']:.1f}%", flush=True)
-  wanted = range(config.first_fold, config.first_fold + config.folds)
   rows = [done[fold] for fold in wanted]
-  # Runs of two epochs or fewer have no steady-state epoch time.
-  times = [float(r["epoch_time_ms_median"] or "nan") for r in rows]
-  times = [t for t in times if np.isfinite(t)]
-  accuracies = np.array([float(r["test_acc"]) for r in rows])
+  mean, std = train_lib._mean_std([float(r["test_acc"]) for r in rows])
+  # Runs of two epochs or fewer have no steady-state epoch time ("").
+  times = [float(t) for r in rows if (t := r["epoch_time_ms_median"]) != ""]
   return {
-    "test_acc_mean": float(accuracies.mean()),
-    "test_acc_std": float(accuracies.std(ddof=1)) if len(rows) > 1 else 0.0,
+    "test_acc_mean": mean,
+    "test_acc_std": std,
     "epoch_time_ms_median": float(np.median(times)) if times else None,
   }
 
