@@ -50,11 +50,12 @@ Choices, where the model leaves room:
   move outputs by up to half an aggregate step, so the accumulator carries k
   extra fractional bits (the largest k <= 16 that keeps it within int32).
 - ReLU and the next layer's input point map one code to one code: a table
-  of 2^bits entries, built at export with the fake quantizer's own float32
-  operations (as TFLite tabulates element-wise ops). Degree-Quant's input
+  of 2^bits entries, built at export (as TFLite tabulates element-wise
+  ops) in exact arithmetic with the model's tie rule. Degree-Quant's input
   ranges are grid values of the previous output (scale ratios such as
-  15 / 14), and the table reproduces the reference's rounding of those
-  exact ties, which no fixed-point multiplier can.
+  15 / 16), so exact ties are common there: the table rounds them by the
+  rule, where the float32 fake-quantized model breaks them by rounding
+  noise that depends on how XLA compiled it.
 - LoRAP's prompt is a small float computation on S_hat (a softmax), as in
   the paper's inference: the one float island, run by the fused prompt op
   from codes to codes (`lorap_prompt(..., output="codes")`). GPF and
@@ -786,28 +787,33 @@ def _requantization_table(
 ) -> jax.Array:
   """Every code of `source`, ReLU'd, as a code of `target` ([2^bits]).
 
-  Built with the fake quantizer's own float32 operations, so it reproduces
-  the model's codes exactly, ties included: DQ's ranges are grid values of
-  the previous point, their scale ratios simple fractions (15 / 14), and
-  the float reference rounds such near-ties one way or the other.
+  Computed in float64, where a small integer times the ratio of two float32
+  scales is a half-integer exactly when it is one in exact arithmetic, and
+  rounded by the model's tie rule applied to the value plus the zero point,
+  as its quantizer does. Degree-Quant's ranges are grid values of the
+  previous point, their scale ratios simple fractions (15 / 16), so exact
+  ties are common there; float32 arithmetic breaks them by rounding noise,
+  one way or the other depending on how XLA compiled the model, which a
+  table cannot follow.
   """
   qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-  codes = jnp.arange(qmin, qmax + 1, dtype=jnp.float32)
-  return _table_fn(bits, rounding)(codes, source, target)
-
-
-@functools.cache
-def _table_fn(bits: int, rounding: str):
-  # Jitted like the model's eval step, so that XLA fuses and rounds the
-  # same float32 operations the same way (it may contract a multiply-add,
-  # or divide by a reciprocal, under jit but not eagerly).
-  def table(codes, source, target):
-    # The dequantized output (fake_quant's forward value), then ReLU.
-    real = jax.nn.relu((codes - source.zero_point) * source.scale)
-    codes = q.quantize_to_codes(real, target, rounding=rounding)
-    return codes.astype(_code_dtype(bits))
-
-  return jax.jit(table)
+  codes = np.arange(qmin, qmax + 1, dtype=np.float64)
+  zero_out, scale_out, zero_in, scale_in = (
+    np.float64(np.asarray(v, np.float32))
+    for v in (
+      source.zero_point,
+      source.scale,
+      target.zero_point,
+      target.scale,
+    )
+  )
+  real = np.maximum(codes - zero_out, 0.0) * scale_out  # ReLU, dequantized.
+  value = real / scale_in + zero_in
+  if rounding == "half_even":
+    rounded = np.round(value)
+  else:  # "half_away", A2Q's sign(x) floor(|x| + 0.5).
+    rounded = np.sign(value) * np.floor(np.abs(value) + 0.5)
+  return jnp.asarray(np.clip(rounded, qmin, qmax), _code_dtype(bits))
 
 
 def _bias_shift(bias: np.ndarray, agg_scale: float, bits: int) -> int:
