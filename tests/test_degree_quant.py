@@ -17,7 +17,7 @@ from lorap_jax._src import quantization as q
 
 DQ4 = qp.QuantConfig(
   calibration=q.CalibrationConfig(mode="percentile", percentile=0.01),
-  gradient="clipped",
+  gradient="clipped_inner",
   protection=degree_quant.DegreeProtection(p_min=0.1, p_max=0.2),
 )
 
@@ -396,7 +396,8 @@ def test_dq_config_follows_the_reference_runs(bits, p_min, p_max, percentile):
   )
   assert quant.calibration.mode == "percentile"
   assert quant.calibration.percentile == percentile
-  assert quant.gradient == "clipped"
+  # GC as the reference codes it: `code >= qmax` / `code <= qmin` stop it.
+  assert quant.gradient == "clipped_inner"
 
 
 def test_cora_dq_trains_and_reports_its_protected_fraction(data_dir, tmp_path):
@@ -410,3 +411,36 @@ def test_cora_dq_trains_and_reports_its_protected_fraction(data_dir, tmp_path):
   assert summary["test_acc_mean"] > 0.7
   # p in [0.1, 0.2] and the CDF is at least 1/n: a fraction inside.
   assert 0.15 < summary["dq_protected_fraction"] < 0.2
+
+
+# --- GIN points per framework ------------------------------------------------
+
+
+@pytest.mark.parametrize("framework", ["qat", "dq", "a2q"])
+def test_gin_points_are_the_reference_gins(framework):
+  """Degree-Quant's GIN (and A2Q's): no point on a layer's input, the first
+  layer's first Linear in FP32, every other Linear's input quantized."""
+  config = lorap_jax.get_config("mutag")
+  config.quant.framework = framework
+  config.model.num_layers = 2
+  config.model.hidden = 8
+  model = train.create_model(config, num_classes=2, task="graph")
+  graph, _ = _random_batch(np.random.default_rng(3), [6, 9])
+  variables = model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))
+  params = variables["params"]
+  if framework == "a2q":
+    assert set(params["conv_0"]["mlp_0"]) == {"kernel", "bias"}
+    for linear in (params["conv_0"]["mlp_1"], params["conv_1"]["mlp_0"]):
+      assert "a2q_input_step" in linear
+    return
+  stats = variables[qp.QUANT_STATS]
+  assert set(stats["conv_0"]) == {"message", "aggregate", "mlp_1", "output"}
+  assert set(stats["conv_0"]["mlp_1"]) == {"input", "xw"}
+  assert set(stats["conv_1"]) == {
+    "message",
+    "aggregate",
+    "mlp_0",
+    "mlp_1",
+    "output",
+  }
+  assert set(stats["conv_1"]["mlp_0"]) == {"input", "xw"}

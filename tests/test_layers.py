@@ -282,6 +282,65 @@ def test_padded_jraph_graph_without_warnings(layer_cls):
 MARGIN = 1e-3
 
 
+def np_quant_gin(x, params, float_first_linear):
+  """Degree-Quant's quantized GIN layer, every point on its own range.
+
+  Message x_j, aggregate sum_j x_j, then MLP((1 + eps) x_i + aggregate)
+  with input, weight and product points on each Linear (none at all on the
+  first Linear of the first layer), and the output point. x_i itself is
+  not quantized. Returns the output and the smallest tie margin.
+  """
+  adjacency = dense_adjacency()
+  edge = (adjacency > 0)[:, :, None]  # [receiver, sender, 1]
+  messages = np.broadcast_to(x[None], (N_NODES, *x.shape))
+  margins = [tie_margin(messages, mask=edge)]
+  messages = np.where(edge, fq(messages, mask=edge), 0.0)
+  aggregate = messages.sum(axis=1)
+  margins.append(tie_margin(aggregate))
+  h = (1.0 + params["eps"]) * x + fq(aggregate)
+  for i in range(2):
+    linear = params[f"mlp_{i}"]
+    if i == 0 and float_first_linear:
+      h = h @ linear["kernel"] + linear["bias"]
+    else:
+      margins += [tie_margin(h), tie_margin(linear["kernel"])]
+      product = fq(h) @ fq(linear["kernel"])
+      margins.append(tie_margin(product))
+      h = fq(product) + linear["bias"]
+    h = np.maximum(h, 0.0)
+  margins.append(tie_margin(h))
+  return fq(h), min(margins)
+
+
+class QuantGINTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(("first_layer", True), ("later", False))
+  def test_matches_degree_quant_reference(self, float_first_linear):
+    x = make_features(seed=33)
+    graph = make_graph(x)
+    layer = lorap_jax.QuantGINConv(
+      features=3, quant=QUANT, float_first_linear=float_first_linear
+    )
+    variables = layer.init(jax.random.key(3), graph, bits=BITS)
+    params = _randomize(
+      variables["params"], 6, {"eps", "mlp_0/bias", "mlp_1/bias"}
+    )
+    variables = {**variables, "params": params}
+    want, margin = np_quant_gin(x, _np(params), float_first_linear)
+    assert margin > MARGIN, f"inputs too close to a rounding tie: {margin}"
+    # Evaluation with fresh statistics: every point uses the batch's range.
+    out = self.variant(
+      lambda v, g: layer.apply(v, g, bits=BITS, train=False).nodes
+    )(variables, graph)
+    chex.assert_trees_all_close(out, want, atol=1e-5)
+    # The points are the reference's: none on the layer input, none on a
+    # float first Linear.
+    stats = variables[lorap_jax.QUANT_STATS]
+    assert set(stats) - {"mlp_0", "mlp_1"} == {"message", "aggregate", "output"}
+    assert ("mlp_0" in stats) != float_first_linear
+    assert set(stats["mlp_1"]) == {"input", "xw"}
+
+
 class QuantGCNTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_matches_dense_fake_quantized_reference(self):

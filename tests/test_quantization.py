@@ -309,9 +309,23 @@ class StraightThroughTest(chex.TestCase):
       np.asarray(grad), [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
     )
 
+  def test_degree_quant_gc_stops_the_boundary_codes(self):
+    # Degree-Quant's GC zeroes the gradient where code >= qmax or code <=
+    # qmin: the end codes too, unlike PyTorch's fake_quantize.
+    grid = lorap_jax.affine_qparams(0.0, 1.5, 2)  # levels 0, .5, 1, 1.5
+    x = jnp.array([-1.0, -0.2, 0.0, 0.3, 0.7, 1.2, 1.5, 1.7, 3.0])
+    grad = jax.grad(
+      lambda x: jnp.sum(lorap_jax.fake_quant(x, grid, gradient="clipped_inner"))
+    )(x)
+    np.testing.assert_array_equal(
+      np.asarray(grad), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    )
+
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
-    ("identity", "identity"), ("clipped", "clipped")
+    ("identity", "identity"),
+    ("clipped", "clipped"),
+    ("clipped_inner", "clipped_inner"),
   )
   def test_grid_gets_no_gradient(self, gradient):
     x = jnp.asarray(self.X)

@@ -137,16 +137,18 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.quant.momentum = 0.1 if node_task else 0.01
   config.quant.percentile = 0.01
   config.quant.rounding = "half_even"
-  # STE: "identity" (Degree-Quant's STE) or "clipped" (its GC). With the
-  # identity, clipped outputs keep pushing their parameters; on Cora INT4
-  # that costs ~15 points (README), so node tasks default to "clipped".
+  # STE: "identity" (Degree-Quant's STE), "clipped" (PyTorch's
+  # fake_quantize) or "clipped_inner" (Degree-Quant's GC, which stops the
+  # boundary codes too). With the identity, clipped outputs keep pushing
+  # their parameters; on Cora INT4 that costs ~15 points (README), so node
+  # tasks default to "clipped".
   config.quant.gradient = "clipped" if node_task else "identity"
 
   # Degree-Quant (framework "dq"): its own bundle, as in its reference runs
   # (GC-PER): percentile ranges (a running min/max of per-batch
-  # percentiles), the clipped STE, and protective masking with probability
-  # low + change * CDF(in-degree). The quant.calibration / gradient fields
-  # above do not apply to it.
+  # percentiles), its clipped STE ("clipped_inner"), and protective
+  # masking with probability low + change * CDF(in-degree). The
+  # quant.calibration / gradient fields above do not apply to it.
   config.dq = ml_collections.ConfigDict()
   config.dq.low = config_dict.placeholder(float)  # INT4: 0.1; INT8+: 0.0.
   config.dq.change = 0.1

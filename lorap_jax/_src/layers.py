@@ -319,19 +319,30 @@ def _aggregate_and_prompt(
   the prompted aggregate, so a prompt that moves values is not silently
   clipped to the range of the unprompted ones.
   """
-  if layer.quant.mixq is not None:
-    # The aggregation's operation count, for MixQ's bit-operation estimate.
-    layer.sow(mixq.OPERATIONS, "aggregate", additions)
   s_hat = layer.qpoint(
     "aggregate", aggregate, bits=bits, train=train, rows=rows
   )
+  requantize = None
+  if layer.quant.active("aggregate"):
+    requantize = functools.partial(
+      layer.qpoint, "aggregate", bits=bits, train=train, rows=rows
+    )
+  return _prompt_and_record(layer, s_hat, requantize, additions=additions)
+
+
+def _prompt_and_record(
+  layer: "_QuantLayer",
+  s_hat: jax.Array,
+  requantize: Callable[[jax.Array], jax.Array] | None,
+  *,
+  additions: int,
+) -> jax.Array:
+  """The post-aggregation hook on S_hat, and what the update sees, sown."""
+  if layer.quant.mixq is not None:
+    # The aggregation's operation count, for MixQ's bit-operation estimate.
+    layer.sow(mixq.OPERATIONS, "aggregate", additions)
   s_star = s_hat
   if layer.prompt is not None:
-    requantize = None
-    if layer.quant.active("aggregate"):
-      requantize = functools.partial(
-        layer.qpoint, "aggregate", bits=bits, train=train, rows=rows
-      )
     s_star = layer.prompt(s_hat, requantize)
   # What the update sees, for analysis (`apply(..., mutable=INTERMEDIATES)`);
   # a no-op unless that collection is mutable.
@@ -523,20 +534,32 @@ class QuantGCNConv(_QuantLayer):
 class QuantGINConv(_QuantLayer):
   """GIN layer: MLP((1 + eps) x_i + sum_j x_j) with a trainable eps.
 
-  Points: input x, message x_j, aggregate (the whole (1 + eps) x_i + sum),
-  the MLP's weights and products ("weight", "xw"), and output (after the MLP
-  and its BatchNorm, Degree-Quant's "update_q"). The MLP is
-  Linear-ReLU-Linear-ReLU(-BatchNorm), as in Degree-Quant's GIN.
+  The points are those of Degree-Quant's GIN (`reddit_binary/gin.py`,
+  `GINConvMultiQuant`): the message x_j, the aggregate sum_j x_j (protected
+  rows as everywhere), then the MLP's own input, weight and product points
+  ("input", "weight", "xw"; not mask-aware, as in the reference), and the
+  output after the MLP and its BatchNorm ("update_q"). The layer input x_i
+  has no point of its own: it is the previous layer's output, already on
+  that grid (the first layer's raw features enter as they are). The MLP is
+  Linear-ReLU-Linear-ReLU(-BatchNorm); in the first layer its first Linear
+  is not quantized at all (`float_first_linear`), as in the reference.
+
+  A prompt acts on S = (1 + eps) x_i + S_hat, S_hat the quantized neighbour
+  sum, and goes unquantized into the MLP, whose input point re-quantizes it
+  (no point there before the first layer's float Linear, as in the
+  reference, which keeps that Linear's input in FP32).
 
   Attributes:
     features: output width.
     prompt: post-aggregation hook or None.
     batch_norm: end the MLP with BatchNorm over the real (unpadded) nodes.
+    float_first_linear: the MLP's first Linear in FP32 (the first layer).
   """
 
   features: int = 0
   prompt: PostAggregationFn | None = None
   batch_norm: bool = False
+  float_first_linear: bool = False
 
   @nn.compact
   def __call__(
@@ -564,7 +587,6 @@ class QuantGINConv(_QuantLayer):
       x = x.to_dense()
     n_nodes = x.shape[0]
     rows = node_row_masks(node_mask, protected)
-    x = self.qpoint("input", x, bits=bits, train=train, rows=rows)
     messages = self.qpoint(
       "message",
       x[graph.senders],
@@ -572,24 +594,22 @@ class QuantGINConv(_QuantLayer):
       train=train,
       rows=rows.gather(graph.senders),
     )
-    eps = self.param("eps", nn.initializers.zeros, ())
-    aggregate = (1.0 + eps) * x + jax.ops.segment_sum(
+    neighbours = jax.ops.segment_sum(
       messages, graph.receivers, num_segments=n_nodes
     )
-    h = _aggregate_and_prompt(
-      self,
-      aggregate,
-      bits=bits,
-      train=train,
-      rows=rows,
-      additions=messages.size,
+    neighbours = self.qpoint(
+      "aggregate", neighbours, bits=bits, train=train, rows=rows
+    )
+    eps = self.param("eps", nn.initializers.zeros, ())
+    h = _prompt_and_record(
+      self, (1.0 + eps) * x + neighbours, None, additions=messages.size
     )
     real_rows = RowMasks(observe=node_mask)
     for i in range(2):
+      float_linear = i == 0 and self.float_first_linear
       h = QuantDense(
         features=self.features,
-        quantize_input=i > 0,
-        quant=self.quant,
+        quant=quant_points.FP32 if float_linear else self.quant,
         name=f"mlp_{i}",
       )(h, bits=bits, train=train, rows=real_rows)
       h = nn.relu(h)

@@ -244,14 +244,22 @@ class GNN(nn.Module):
   def _layer_quant(self, i: int) -> qp.QuantConfig:
     """Layer i's quantization, as each framework's reference places points.
 
-    A2Q leaves the first layer's input (0/1 bag-of-words) unquantized; MixQ
+    A2Q leaves the first layer's input (0/1 bag-of-words) unquantized (a
+    GIN layer has no input point of its own, and A2Q's GIN quantizes the
+    input of every Linear but the first layer's first, as ours); MixQ
     quantizes the input of the first layer only (later inputs are the
-    previous aggregate, already on a grid).
+    previous aggregate, already on a grid; its GIN Linears quantize weights
+    and outputs only).
     """
     a2q_config = self.quant.a2q
-    skip_input = (
-      i == 0 and a2q_config is not None and not a2q_config.quantize_first_input
-    ) or (i > 0 and self.quant.mixq is not None)
+    skip_first_input = (
+      a2q_config is not None
+      and not a2q_config.quantize_first_input
+      and self.model.architecture != "gin"
+    )
+    skip_input = (i == 0 and skip_first_input) or (
+      i > 0 and self.quant.mixq is not None
+    )
     if not skip_input:
       return self.quant
     points = tuple(p for p in self.quant.points if p != "input")
@@ -268,7 +276,10 @@ class GNN(nn.Module):
       return layers.QuantGCNConv(features=width, **common)
     if cfg.architecture == "gin":
       return layers.QuantGINConv(
-        features=width, batch_norm=cfg.batch_norm, **common
+        features=width,
+        batch_norm=cfg.batch_norm,
+        float_first_linear=i == 0,
+        **common,
       )
     heads = 1 if last_layer else cfg.heads
     return layers.QuantGATConv(

@@ -35,7 +35,7 @@ class QuantConfig:
     points: the active quantization points (a subset of `POINT_NAMES`).
     calibration: how ranges are tracked.
     rounding: "half_even" or "half_away".
-    gradient: the STE rule, "identity" or "clipped".
+    gradient: the STE rule, "identity", "clipped" or "clipped_inner".
     weight_calibration: weights are quantized with their current min/max
       (Degree-Quant tracks them like activations; using the exact range of the
       current weights avoids a lag, and is the "running" choice for a tensor

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 RoundingMode = Literal["half_even", "half_away"]
-GradientMode = Literal["identity", "clipped"]
+GradientMode = Literal["identity", "clipped", "clipped_inner"]
 CalibrationMode = Literal["ema", "running", "percentile"]
 
 ROUNDING_MODES = ("half_even", "half_away")
-GRADIENT_MODES = ("identity", "clipped")
+GRADIENT_MODES = ("identity", "clipped", "clipped_inner")
 CALIBRATION_MODES = ("ema", "running", "percentile")
 MIN_BITS, MAX_BITS = 1, 16
 
@@ -181,7 +181,10 @@ def _fake_quant_fwd(x, qparams, rounding, gradient):
   if gradient == "identity":
     return out, None
   codes = _codes(x, qparams.scale, qparams.zero_point, rounding)
-  inside = (codes >= qparams.qmin) & (codes <= qparams.qmax)
+  if gradient == "clipped":
+    inside = (codes >= qparams.qmin) & (codes <= qparams.qmax)
+  else:  # "clipped_inner": the boundary codes stop the gradient too.
+    inside = (codes > qparams.qmin) & (codes < qparams.qmax)
   return out, inside
 
 
@@ -208,14 +211,16 @@ def fake_quant(
 
   The backward pass is the straight-through estimator: the identity
   (`gradient="identity"`, Degree-Quant's "STE"), or the identity masked to
-  zero where the code was clipped (`gradient="clipped"`, "GC", as PyTorch's
-  fake_quantize does). The grid gets no gradient.
+  zero where the code was clipped (`gradient="clipped"`, as PyTorch's
+  fake_quantize does), or masked to zero from the boundary codes on
+  (`gradient="clipped_inner"`: Degree-Quant's "GC", whose mask is
+  `code >= qmax` or `code <= qmin`). The grid gets no gradient.
 
   Args:
     x: the tensor, any shape.
     qparams: the grid; its fields broadcast against `x`.
     rounding: "half_even" (torch.round) or "half_away" (A2Q).
-    gradient: "identity" or "clipped".
+    gradient: "identity", "clipped" or "clipped_inner".
 
   Returns:
     The dequantized values, shaped like `x`.

@@ -192,7 +192,9 @@ def _degree_quant_config(config, points) -> qp.QuantConfig:
       sample_size=dq.sample_size or None,
     ),
     rounding=config.quant.rounding,
-    gradient="clipped",
+    # GC as the reference codes it: the boundary codes pass no gradient
+    # either (PyTorch's fake_quantize, "clipped", keeps them).
+    gradient="clipped_inner",
     protection=degree_quant.DegreeProtection(
       p_min=low,
       p_max=min(1.0, low + dq.change),
