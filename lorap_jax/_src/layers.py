@@ -428,13 +428,10 @@ class QuantDense(_QuantLayer):
 
   Attributes:
     features: output width.
-    quantize_input: whether the input point is active (off where the input is
-      already on a grid, e.g. right after a quantized aggregate).
     use_bias: add a bias after the quantized product.
   """
 
   features: int = 0
-  quantize_input: bool = True
   use_bias: bool = True
 
   @nn.compact
@@ -447,8 +444,7 @@ class QuantDense(_QuantLayer):
     rows: RowMasks = ALL_ROWS,
   ):
     """[n, f] -> [n, features]; `rows` applies to the input and product."""
-    if self.quantize_input:
-      x = quantize_features(self, x, bits=bits, train=train, rows=rows)
+    x = quantize_features(self, x, bits=bits, train=train, rows=rows)
     kernel = self.param(
       "kernel",
       nn.initializers.glorot_uniform(),
