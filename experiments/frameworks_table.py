@@ -31,7 +31,6 @@ import numpy as np
 from foundation_table import cell
 
 import lorap_jax
-from lorap_jax._src import train as train_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -158,7 +157,7 @@ def run_folds(config, out, name, folds_csv) -> dict:
     done[fold] = row
     print(f"{name} fold {fold}: test {100 * row['test_acc']:.1f}%", flush=True)
   rows = [done[fold] for fold in wanted]
-  mean, std = train_lib._mean_std([float(r["test_acc"]) for r in rows])
+  mean, std = lorap_jax.mean_and_std([float(r["test_acc"]) for r in rows])
   # Runs of two epochs or fewer have no steady-state epoch time ("").
   times = [float(t) for r in rows if (t := r["epoch_time_ms_median"]) != ""]
   return {

@@ -185,9 +185,7 @@ def ensure_trained(
 
 def summarize(values: np.ndarray) -> tuple[float, float]:
   """Mean and sample std (ddof 1; 0 for one value), in percent."""
-  values = 100.0 * np.asarray(values, np.float64)
-  std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-  return float(values.mean()), std
+  return lorap_jax.mean_and_std(100.0 * np.asarray(values, np.float64))
 
 
 def accuracy_row(cache, protocol, overrides, **labels) -> dict:
@@ -569,8 +567,7 @@ def _seed_stats(rows, **where) -> tuple[float, float]:
   values = values[np.isfinite(values)]
   if values.size == 0:
     return float("nan"), 0.0
-  std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-  return float(values.mean()), std
+  return lorap_jax.mean_and_std(values)
 
 
 def aggregation_error_summary(rows) -> list[dict]:

@@ -198,3 +198,11 @@ def test_cli_summary_of_a_two_epoch_run(data_dir, tmp_path, capsys):
   assert "epoch time     n/a (no epoch after the first two)" in (
     capsys.readouterr().out
   )
+
+
+def test_mean_and_std_is_the_sample_std():
+  # torch.std's (ddof 1), which the anchors' tables report.
+  assert lorap_jax.mean_and_std([0.7, 0.8, 0.9]) == pytest.approx((0.8, 0.1))
+  assert lorap_jax.mean_and_std([0.75]) == (0.75, 0.0)
+  with pytest.raises(ValueError, match="at least one value"):
+    lorap_jax.mean_and_std([])

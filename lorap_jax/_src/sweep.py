@@ -791,10 +791,8 @@ def select_best(
   def summary(indices):
     stats = {}
     for metric in ("val_acc", "val_loss", "test_acc"):
-      values = np.asarray([rows[i][metric] for i in indices], np.float64)
-      stats[f"{metric}_mean"] = float(values.mean())
-      std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-      stats[f"{metric}_std"] = std
+      mean, std = train_lib.mean_and_std([rows[i][metric] for i in indices])
+      stats[f"{metric}_mean"], stats[f"{metric}_std"] = mean, std
     return stats
 
   summaries = {key: summary(indices) for key, indices in groups.items()}

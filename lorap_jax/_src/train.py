@@ -1362,8 +1362,18 @@ def _same_run_from(row: dict, from_epoch: int, ids: dict) -> bool:
   return same_run and row["epoch"] >= from_epoch
 
 
-def _mean_std(values) -> tuple[float, float]:
+def mean_and_std(values) -> tuple[float, float]:
+  """Mean and sample std (ddof 1, as torch.std; 0 for a single value).
+
+  The statistic of every "mean ± std" this project reports, over seeds or
+  folds.
+
+  Raises:
+    ValueError: If `values` is empty.
+  """
   values = np.asarray(values, np.float64)
+  if values.size == 0:
+    raise ValueError("mean_and_std needs at least one value")
   std = float(values.std(ddof=1)) if values.size > 1 else 0.0
   return float(values.mean()), std
 
@@ -1716,7 +1726,7 @@ def _headline(records, regression: bool) -> dict:
   fields = {}
   for split in ("test", "val"):
     values = [getattr(r, f"{split}_{metric}") for r in records]
-    mean, std = _mean_std(values)
+    mean, std = mean_and_std(values)
     fields[f"{split}_{metric}_mean"] = mean
     fields[f"{split}_{metric}_std"] = std
   for split in ("test", "val"):
