@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -11,6 +13,36 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Most of the suite's time is XLA compiling, and many tests compile the same
+# programs (a Cora GCN step, say) through fresh `jax.jit` objects. A
+# compilation cache shared by the session's workers compiles each program
+# once (on three training modules, one process: 204 s of CPU against 304 s
+# without). It lives for one session (created by the controlling process,
+# which the xdist workers inherit it from through the environment), so every
+# run still compiles everything it uses at least once. A size limit is what
+# makes JAX lock the entries (filelock): without one, a worker could read an
+# entry another is still writing.
+_CACHE_VARIABLE = "LORAP_TEST_COMPILATION_CACHE"
+_OWNED_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  if not hasattr(config, "workerinput") and _CACHE_VARIABLE not in os.environ:
+    cache = tempfile.mkdtemp(prefix="lorap-test-xla-cache-")
+    os.environ[_CACHE_VARIABLE] = cache
+    config.stash[_OWNED_CACHE] = cache
+  if _CACHE_VARIABLE in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_compilation_cache_max_size", 8 * 2**30)
+
+
+def pytest_unconfigure(config):
+  cache = config.stash.get(_OWNED_CACHE, None)
+  if cache is not None:
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ.pop(_CACHE_VARIABLE, None)
 
 
 def _find_data_dir() -> pathlib.Path | None:
