@@ -208,6 +208,16 @@ def _config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def default_run_directory(table_name: str) -> str:
+  """Each table's cells in their own directory: a cell of the quick table
+  and the same cell of the full one share a name, and in one directory the
+  second would find the first (a finished run of another config) and be
+  kept out of its table."""
+  if table_name == "full":
+    return "runs/reproduce"
+  return f"runs/reproduce-{table_name}"
+
+
 def run_cell(config, workdir: pathlib.Path, *, reuse: bool) -> str:
   """Trains one cell unless --reuse finds it done; returns its status.
 
@@ -559,7 +569,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--models", help="comma list of gcn, gat, gin")
   parser.add_argument("--frameworks", help=",".join(FRAMEWORKS))
   parser.add_argument("--prompts", help=",".join(PROMPTS))
-  parser.add_argument("--out", default="runs/reproduce", help="run directory")
+  parser.add_argument(
+    "--out",
+    help="run directory (default: runs/reproduce for the full table, "
+    "runs/reproduce-<name> for another, such as quick)",
+  )
   parser.add_argument("--results", default="experiments/results")
   parser.add_argument("--name", help="table file name (quick or full)")
   parser.add_argument("--reuse", action="store_true")
@@ -594,8 +608,9 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     return 2
-  out, results = pathlib.Path(args.out), pathlib.Path(args.results)
   name = args.name or ("quick" if args.quick else "full")
+  out = pathlib.Path(args.out or default_run_directory(name))
+  results = pathlib.Path(args.results)
   overrides = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs}
   earlier = earlier_rows(results, name)
   fresh = {cell: table_row(out, cell) for cell in cells}

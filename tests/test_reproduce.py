@@ -181,6 +181,29 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
   assert _read_csv(results / "t.csv")[0]["test_acc_mean"] == "80.0"
 
 
+def test_quick_and_full_tables_default_to_their_own_run_directories(
+  tmp_path, monkeypatch
+):
+  """A full cell in the default directory is not the quick table's row."""
+  monkeypatch.chdir(tmp_path)
+  cell = ("cora", "gcn", "dq", "gpf-lorap")
+  _fake_finished_cell(tmp_path / "runs" / "reproduce", cell, 0.7)
+  args = [
+    "--datasets=cora",
+    "--frameworks=dq",
+    "--prompts=gpf-lorap",
+    "--results=results",
+    "--table-only",
+  ]
+  assert reproduce.main(args) == 0
+  assert reproduce.main(["--quick", *args]) == 0
+  [full] = _read_csv(tmp_path / "results" / "full.csv")
+  [quick] = _read_csv(tmp_path / "results" / "quick.csv")
+  assert (full["status"], full["protocol"]) == ("done", "full")
+  assert quick["status"] == "not run"
+  assert reproduce.default_run_directory("quick") == "runs/reproduce-quick"
+
+
 def test_runs_saved_before_a_setting_that_changes_no_result_still_count():
   """The padding ladder and the checkpoint cadence change no result: a cell
   saved without them (or with other values) is the same protocol; a
