@@ -18,7 +18,9 @@ appended to `experiments/results/reddit-binary-dq-<prompt>.folds.csv`: a
 10-fold protocol of several hours can be spread over sessions or machines,
 the folds already there are not run again, and a row is printed once all
 its folds are there. A fold interrupted part-way resumes from its
-checkpoints under `--out`.
+checkpoints under `--out`. Two processes can share a row's folds with
+`--graph-only-folds` (e.g. `0,1,2,3,4` and `5,6,7,8,9`); never give one fold
+to two processes, as they would share its run directory.
 """
 
 import argparse
@@ -127,16 +129,23 @@ def append_fold(path: pathlib.Path, row: dict) -> None:
     writer.writerow(row)
 
 
-def run_folds(config, out, name, folds_csv) -> dict:
+def run_folds(config, out, name, folds_csv, only=None) -> dict | None:
   """Runs the config's folds missing from `folds_csv`, one at a time.
 
-  Returns the summary over all folds: mean and sample std of the test
-  accuracy, median of the folds' epoch times.
+  `only` restricts this call to some of the folds, so that a second process
+  can take the last folds of a row while the first works through it (each
+  fold has its own run directory; one fold must not run in two processes).
+  Returns the summary over all folds (mean and sample std of the test
+  accuracy, median of the folds' epoch times), or None while some folds are
+  still missing from the CSV.
   """
   digest = protocol_digest(config)
-  done = finished_folds(folds_csv, digest)
   wanted = range(config.first_fold, config.first_fold + config.folds)
-  for fold in wanted:
+  if only is not None and not set(only) <= set(wanted):
+    raise ValueError(f"folds {sorted(only)} are not all in {wanted}")
+  for fold in wanted if only is None else sorted(only):
+    # Re-read: another process may have finished this fold meanwhile.
+    done = finished_folds(folds_csv, digest)
     if fold in done:
       continue
     fold_config = config.copy_and_resolve_references()
@@ -154,8 +163,11 @@ def run_folds(config, out, name, folds_csv) -> dict:
       "jax_version": summary["jax_version"],
     }
     append_fold(folds_csv, row)
-    done[fold] = row
     print(f"{name} fold {fold}: test {100 * row['test_acc']:.1f}%", flush=True)
+  # Another process may have appended folds meanwhile.
+  done = finished_folds(folds_csv, digest)
+  if any(fold not in done for fold in wanted):
+    return None
   rows = [done[fold] for fold in wanted]
   mean, std = lorap_jax.mean_and_std([float(r["test_acc"]) for r in rows])
   # Runs of two epochs or fewer have no steady-state epoch time ("").
@@ -181,6 +193,11 @@ def main():
     "--graph-prompts",
     default="none,lorap",
     help="the REDDIT-BINARY rows to run (two processes can run one each)",
+  )
+  parser.add_argument(
+    "--graph-only-folds",
+    help="comma-separated folds for this process to run (default: every "
+    "missing fold in order); the row is printed once all are in the CSV",
   )
   parser.add_argument(
     "--fold-results",
@@ -220,7 +237,14 @@ def main():
       if args.quick:
         config.folds, config.train.epochs = 1, 2
       name = f"reddit-binary-dq-{prompt}"
-      summary = run_folds(config, out, name, fold_results / f"{name}.folds.csv")
+      only = args.graph_only_folds
+      only = None if only is None else [int(f) for f in only.split(",")]
+      folds_csv = fold_results / f"{name}.folds.csv"
+      summary = run_folds(config, out, name, folds_csv, only)
+      if summary is None:
+        have = len(finished_folds(folds_csv, protocol_digest(config)))
+        print(f"| DQ + {prompt} | {have} of {config.folds} folds so far | |")
+        continue
       print(
         f"| DQ + {prompt} | {cell(summary)} | "
         f"{summary['epoch_time_ms_median'] or float('nan'):.0f} |",
