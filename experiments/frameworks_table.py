@@ -232,13 +232,13 @@ def main():
     fold_results = pathlib.Path(
       args.fold_results or (out if args.quick else RESULTS)
     )
+    only = args.graph_only_folds
+    only = None if only is None else [int(f) for f in only.split(",")]
     for prompt in args.graph_prompts.split(","):
       config = reddit_config(prompt, args.graph_folds, args.graph_epochs)
       if args.quick:
         config.folds, config.train.epochs = 1, 2
       name = f"reddit-binary-dq-{prompt}"
-      only = args.graph_only_folds
-      only = None if only is None else [int(f) for f in only.split(",")]
       folds_csv = fold_results / f"{name}.folds.csv"
       summary = run_folds(config, out, name, folds_csv, only)
       if summary is None:
