@@ -460,7 +460,7 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     writer.writerows(rows)
   counts = {}
   for row in rows:
-    key = row["protocol"] or row["status"].split(":")[0]
+    key = _coverage_key(row)
     counts[key] = counts.get(key, 0) + 1
   device = jax.devices()[0]
   lines = [
@@ -501,6 +501,8 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "each comes from); empty where the references state none.",
     "",
     "Cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+    "",
+    *_coverage_lines(rows, sorted(counts)),
   ]
   by_table = {}
   for row in rows:
@@ -525,6 +527,29 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
         f"{_anchor_text(row)} | {row['anchor_source']} |"
       )
   (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _coverage_key(row) -> str:
+  """A row's column in the coverage count: its protocol, else its status."""
+  return row["protocol"] or row["status"].split(":")[0]
+
+
+def _coverage_lines(rows, keys) -> list[str]:
+  """A table of each dataset's cells by protocol or status, so the
+  table's state shows at a glance before its per-dataset sections."""
+  by_dataset = {}
+  for row in rows:
+    counts = by_dataset.setdefault(row["dataset"], dict.fromkeys(keys, 0))
+    counts[_coverage_key(row)] += 1
+  lines = [
+    "| dataset | " + " | ".join(keys) + " |",
+    "|---|" + "---|" * len(keys),
+  ]
+  for dataset, counts in by_dataset.items():
+    lines.append(
+      f"| {dataset} | " + " | ".join(str(counts[k]) for k in keys) + " |"
+    )
+  return lines
 
 
 def _cpu_count() -> int:

@@ -171,6 +171,9 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
   markdown = (results / "t.md").read_text()
   assert "| qat | none | 75.3 ± 1.2 | 10 runs (seeds) | full |" in markdown
   assert "## mutag, GIN" in markdown
+  # The coverage table counts each dataset's cells by protocol or status.
+  assert "| dataset | full | not run |" in markdown
+  assert "| cora | 1 | 0 |\n| mutag | 0 | 1 |" in markdown
 
   # The same cell, not found in this run's directory: the earlier row
   # stands; found with a new result: the new row replaces it.
