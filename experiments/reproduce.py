@@ -462,6 +462,7 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
   for row in rows:
     key = _coverage_key(row)
     counts[key] = counts.get(key, 0) + 1
+  keys = sorted(counts, key=_coverage_order)
   device = jax.devices()[0]
   lines = [
     f"# Reproduction table: {name}",
@@ -500,9 +501,9 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "(`experiments/anchors.py`, with the section of the reference notes "
     "each comes from); empty where the references state none.",
     "",
-    "Cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+    "Cells: " + ", ".join(f"{counts[k]} {k}" for k in keys) + ".",
     "",
-    *_coverage_lines(rows, sorted(counts)),
+    *_coverage_lines(rows, keys),
   ]
   by_table = {}
   for row in rows:
@@ -532,6 +533,12 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
 def _coverage_key(row) -> str:
   """A row's column in the coverage count: its protocol, else its status."""
   return row["protocol"] or row["status"].split(":")[0]
+
+
+def _coverage_order(key: str) -> tuple:
+  """Results first (full, quick, custom), then the cells without one."""
+  labels = ("full", "quick", "custom")
+  return (labels.index(key), "") if key in labels else (len(labels), key)
 
 
 def _coverage_lines(rows, keys) -> list[str]:
