@@ -110,6 +110,38 @@ def test_relaxed_mixture_weights_and_penalty(activations):
   assert mixq.selected_widths(params, config) == {"xw": 8}
 
 
+class _ObservedPoint(nn.Module):
+  config: mixq.MixQConfig
+
+  @nn.compact
+  def __call__(self, x, observe):
+    return mixq.quantize_point(
+      self, "aggregate", x, config=self.config, observe=observe
+    )
+
+
+def test_padding_rows_do_not_set_the_calibrated_range(activations):
+  """A batch's filler node sums every padding edge; with a node prompt its
+  aggregate is far outside the real rows' and once set the range from it,
+  rounding every real value to zero (MUTAG MixQ + GPF collapsed to 2 bits)."""
+  config = mixq.MixQConfig(candidates=(2, 8))
+  real = jnp.asarray(activations)
+  padded = jnp.concatenate([real, jnp.full((2, real.shape[1]), 500.0)])
+  observe = jnp.arange(padded.shape[0]) < real.shape[0]
+  point = _ObservedPoint(config)
+  params = point.init(jax.random.key(0), padded, observe)["params"]
+  alone = _Point(config, name_of_point="aggregate")
+  want = alone.init(jax.random.key(0), real)["params"]
+  for field in ("scale", "zero"):
+    key = f"mixq_aggregate_{field}"
+    np.testing.assert_allclose(params[key], want[key], rtol=1e-6)
+  # The real rows quantize as if the padding were not there.
+  y = point.apply({"params": params}, padded, observe)
+  np.testing.assert_allclose(
+    y[: real.shape[0]], alone.apply({"params": want}, real), rtol=1e-6
+  )
+
+
 def test_weight_copies_start_equal_and_train_apart():
   config = mixq.MixQConfig(candidates=(2, 8))
   point = _Point(config, name_of_point="weight")

@@ -186,11 +186,17 @@ def quantize_point(
   widths = config.widths(component_name(module, name))
   weight = name == "weight"
   axes = _reduction_axes(x, config.granularity, weight)
+  seen = x
+  if observe is not None and not weight:
+    # Padding rows must not set the range: a batch's filler node receives
+    # every padding edge, and once its features are non-zero (a node prompt,
+    # a bias) its aggregate dwarfs the real ones. Zero is always in range.
+    seen = jnp.where(observe.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
 
   def init_qparams(index):
     def init(key):
       del key
-      pairs = [calibrate(x, b, axes) for b in widths]
+      pairs = [calibrate(seen, b, axes) for b in widths]
       return jnp.stack([p[index] for p in pairs])
 
     return init
