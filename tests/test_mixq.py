@@ -122,8 +122,8 @@ class _ObservedPoint(nn.Module):
 
 def test_padding_rows_do_not_set_the_calibrated_range(activations):
   """A batch's filler node sums every padding edge; with a node prompt its
-  aggregate is far outside the real rows' and once set the range from it,
-  rounding every real value to zero (MUTAG MixQ + GPF collapsed to 2 bits)."""
+  aggregate dwarfs the real rows', and a range calibrated on it rounded the
+  real values to a few codes (MUTAG MixQ + GPF collapsed to 2 bits)."""
   config = mixq.MixQConfig(candidates=(2, 8))
   real = jnp.asarray(activations)
   padded = jnp.concatenate([real, jnp.full((2, real.shape[1]), 500.0)])
