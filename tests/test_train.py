@@ -50,6 +50,9 @@ def test_cora_int4_lorap_trains(data_dir, tmp_path):
   assert summary["test_acc_mean"] > 0.6
 
 
+# GIN end to end runs on MUTAG below; PROTEINS' 890 training graphs take
+# 90 s: on request.
+@pytest.mark.slow
 def test_proteins_gin_one_fold(data_dir, tmp_path):
   config = _small_config("proteins", epochs=5)
   config.data_dir = str(data_dir)
@@ -63,6 +66,9 @@ def test_a_later_fold_alone_matches_it_in_the_full_run(data_dir, tmp_path):
   # its seed and split only, so alone it gives what the full loop gives.
   config = _small_config("mutag", epochs=3, folds=2)
   config.data_dir = str(data_dir)
+  # A small model in one batch per epoch (still shuffled): few compiles.
+  config.model.num_layers, config.model.hidden = 2, 16
+  config.train.batch_size = 256
   both = lorap_jax.train_and_evaluate(config, tmp_path / "both")
   config.first_fold, config.folds = 1, 1
   alone = lorap_jax.train_and_evaluate(config, tmp_path / "alone")

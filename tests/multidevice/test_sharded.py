@@ -134,6 +134,9 @@ def test_data_parallel_run_trains_like_one_device(tmp_path):
   for devices in (8, 1):
     config = _graph_config("qat", devices)
     config.train.epochs, config.folds = 4, 1
+    # One batch per epoch: one padding budget, so one step compile per run
+    # (each budget compiles for about 15 s on 8 virtual devices).
+    config.train.batch_size = 256
     workdir = tmp_path / f"devices_{devices}"
     summary = lorap_jax.train_and_evaluate(config, workdir)
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
