@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 
-from lorap_jax._src import a2q, mixq, quant_points
+from lorap_jax._src import a2q, mixq, quant_points, quantization
 from lorap_jax._src.quant_points import QuantConfig, apply_grid, point_grid
 from lorap_jax._src.subgraph import SubgraphInfo, subgraph_info
 
@@ -137,13 +137,6 @@ def node_row_masks(
   if node_mask is not None:
     unprotected = unprotected & node_mask
   return RowMasks(observe=unprotected, keep=protected)
-
-
-def _per_row(mask: jax.Array | None, ndim: int) -> jax.Array | None:
-  """Broadcasts a [rows] mask against a [rows, ...] tensor."""
-  if mask is None:
-    return None
-  return mask.reshape(mask.shape + (1,) * (ndim - 1))
 
 
 def feature_width(x: Features) -> int:
@@ -415,12 +408,12 @@ class _QuantLayer(nn.Module):
       bits=bits,
       config=self.quant,
       train=train,
-      mask=_per_row(rows.observe, x.ndim),
+      mask=quantization.per_row(rows.observe, x.ndim),
     )
     y = apply_grid(x, grid, self.quant)
     if grid is None or rows.keep is None:
       return y
-    return jnp.where(_per_row(rows.keep, x.ndim), x, y)
+    return jnp.where(quantization.per_row(rows.keep, x.ndim), x, y)
 
 
 class QuantDense(_QuantLayer):
@@ -611,7 +604,7 @@ class QuantGINConv(_QuantLayer):
       h = nn.relu(h)
     if self.batch_norm:
       h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(
-        h, mask=_per_row(node_mask, 2)
+        h, mask=quantization.per_row(node_mask, 2)
       )
     h = self.qpoint("output", h, bits=bits, train=train, rows=rows)
     return graph._replace(nodes=h)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lorap_jax._src import quantization
 from lorap_jax._src.revisits import shared_param, sow_once
 
 # Collections the points sow into: expected memory (KB) for the penalty,
@@ -191,7 +192,7 @@ def quantize_point(
     # Padding rows must not set the range: a batch's filler node receives
     # every padding edge, and once its features are non-zero (a node prompt,
     # a bias) its aggregate dwarfs the real ones. Zero is always in range.
-    seen = jnp.where(observe.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
+    seen = jnp.where(quantization.per_row(observe, x.ndim), x, 0.0)
 
   def init_qparams(index):
     def init(key):

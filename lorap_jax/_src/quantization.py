@@ -40,6 +40,13 @@ MIN_BITS, MAX_BITS = 1, 16
 _EPS = float(np.finfo(np.float32).eps)
 
 
+def per_row(mask: jax.Array | None, ndim: int) -> jax.Array | None:
+  """Broadcasts a [rows] mask against a [rows, ...] tensor of `ndim` dims."""
+  if mask is None:
+    return None
+  return mask.reshape(mask.shape + (1,) * (ndim - 1))
+
+
 def check_bits(bits) -> None:
   """Refuses bit widths that are not integers in 1..16 (concrete values only).
 

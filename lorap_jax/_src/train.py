@@ -1050,7 +1050,7 @@ def _take_rows(rows: np.ndarray, new, old):
   """Per leading index i, `new`'s slice where rows[i], else `old`'s."""
 
   def take(a, b):
-    return jnp.where(rows.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    return jnp.where(q.per_row(rows, a.ndim), a, b)
 
   return jax.tree.map(take, new, old)
 
