@@ -23,6 +23,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # run still compiles everything it uses at least once. A size limit is what
 # makes JAX lock the entries (filelock): without one, a worker could read an
 # entry another is still writing.
+# (Compiling at LLVM -O0, `--xla_backend_optimization_level=0`, took a
+# third off the suite's time, but XLA then segfaulted compiling an eager
+# `jnp.sign` in test_quantization, at the same test in every serial run, so
+# the tests compile as users do.)
 _CACHE_VARIABLE = "LORAP_TEST_COMPILATION_CACHE"
 _OWNED_CACHE = pytest.StashKey[str]()
 
@@ -73,3 +77,30 @@ def getkey():
     return subkey
 
   return next_key
+
+
+# xdist hands each worker whole modules (`--dist loadscope`). Started last, a
+# long module leaves the other worker idle at the end (the 8-device module
+# alone takes minutes), so the slowest modules go first; the rest keep their
+# order. Only the suite's wall time depends on this list.
+_SLOWEST_MODULES_FIRST = (
+  "test_multidevice.py",
+  "test_checkpoints.py",
+  "test_degree_quant.py",
+  "test_mixq.py",
+  "test_train.py",
+  "test_sweep.py",
+  "test_integer_inference.py",
+  "test_modes.py",
+  "test_a2q.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    if name in _SLOWEST_MODULES_FIRST:
+      return _SLOWEST_MODULES_FIRST.index(name)
+    return len(_SLOWEST_MODULES_FIRST)
+
+  items.sort(key=rank)  # stable: tests keep their order within a module
