@@ -10,6 +10,7 @@ from conftest import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
 import reproduce
 
+import lorap_jax
 from lorap_jax._src import train
 
 
@@ -83,6 +84,19 @@ def test_protocol_labels_and_not_run_cells(tmp_path):
   assert row["anchor_mean"] == ""  # The references state none for it.
   row = reproduce.table_row(tmp_path, ("pubmed", "gcn", "mixq", "none"))
   assert (row["anchor_mean"], row["anchor_std"]) == (77.51, 0.67)
+
+
+def test_mixq_node_cells_take_mixq_settings():
+  # MixQ's own GCN width and weight decay on node tasks; the other
+  # frameworks, and MixQ on graph tasks, keep the dataset's config.
+  mixq = reproduce.cell_config("cora", "gcn", "mixq", "lorap", quick=False)
+  qat = reproduce.cell_config("cora", "gcn", "qat", "lorap", quick=False)
+  assert (mixq.model.hidden, mixq.train.weight_decay) == (128, 2e-4)
+  assert (qat.model.hidden, qat.train.weight_decay) == (64, 5e-4)
+  graph = reproduce.cell_config("mutag", "gin", "mixq", "none", quick=False)
+  base = lorap_jax.get_config("mutag")
+  assert graph.model.hidden == base.model.hidden
+  assert graph.train.weight_decay == base.train.weight_decay
 
 
 def test_regression_hook(tmp_path):
