@@ -14,11 +14,15 @@ and the loss adds lambda * sum over components of the expected memory
 keeps its argmax width and the fixed-width model is trained again (with one
 candidate, the same quantizer is MixQ's fixed-bit QAT).
 
-Two things the reference does that this does not (section 4.1 / 4.2): its
-GCN/GIN wrappers divide the children's penalty by 8192 a second time, and
+Three things the reference does that this does not (section 4.1 / 4.2):
+its GCN/GIN wrappers divide the children's penalty by 8192 a second time;
 when it builds the fixed GCN from the winners it reads the weight and XW
-widths in swapped order. Here the penalty is divided once and every
-component keeps its own winner. The reference's unused edge-weight
+widths in swapped order; and its K weight copies share one storage (it
+assigns ``weight.data`` of copy 0 to the others), so they are one weight
+that takes K Adam steps, one per copy's moments, every iteration. Here the
+penalty is divided once, every component keeps its own winner, and the
+copies are separate parameters trained apart (the search's weights learn
+more slowly than the reference's). The reference's unused edge-weight
 quantizer ("e", which only enters its penalty) is not modelled.
 """
 
@@ -181,7 +185,7 @@ def quantize_point(
   Creates, in "params": ``mixq_<point>_scale`` / ``_zero`` ([K, ...],
   calibrated from the tensor seen at initialisation), ``mixq_<point>_logits``
   ([K]), and for weights ``mixq_<point>_copies``, the K - 1 extra weight
-  copies the reference keeps (initialised equal, trained apart). Sows the
+  copies (initialised equal, trained apart; see the module notes). Sows the
   expected memory into `EXPECTED_MEMORY`.
   """
   widths = config.widths(component_name(module, name))
