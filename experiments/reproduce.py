@@ -37,7 +37,11 @@ import sys
 
 import jax
 from anchors import PAPER_VALUES, anchor_for
-from frameworks_table import framework_figure
+from frameworks_table import (
+  MIXQ_NODE_SETTINGS,
+  framework_figure,
+  use_mixq_node_settings,
+)
 
 import lorap_jax
 
@@ -58,12 +62,6 @@ DATASETS = tuple(
 # Architectures as the anchors use them: GCN on node tasks (GAT on request,
 # `--models gat`), GIN on graph tasks.
 NODE_MODELS = ("gcn",)
-# MixQ's node-task cells take its own GCN width and weight decay
-# (frameworks.md 4.5; the others keep the dataset's). Its search trains every
-# candidate's scale with Adam at the backbone's rate; at hidden 64 and weight
-# decay 5e-4 that leaves the 50-epoch search near chance on Cora, so the
-# search picked 2-bit inputs and the cell lost 10 points.
-MIXQ_NODE_SETTINGS = {"model.hidden": 128, "train.weight_decay": 2e-4}
 GRAPH_MODELS = ("gin",)
 QUICK = {"node_seeds": 2, "node_epochs": 5, "graph_folds": 2, "graph_epochs": 2}
 CSV_COLUMNS = (
@@ -143,10 +141,8 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
   config.quant.framework = framework
   config.prompt.kind = prompt
   node_task = lorap_jax.is_node_dataset(dataset)
-  if framework == "mixq" and node_task:
-    for path, value in MIXQ_NODE_SETTINGS.items():
-      section, field = path.split(".")
-      config[section][field] = value
+  if node_task:
+    use_mixq_node_settings(config)
   if quick:
     # Minutes-scale cells restart rather than resume; checkpoint writes
     # would cost more than the few epochs they protect.

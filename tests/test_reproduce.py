@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
+import frameworks_table
 import reproduce
 
 import lorap_jax
@@ -93,6 +94,8 @@ def test_mixq_node_cells_take_mixq_settings():
   qat = reproduce.cell_config("cora", "gcn", "qat", "lorap", quick=False)
   assert (mixq.model.hidden, mixq.train.weight_decay) == (128, 2e-4)
   assert (qat.model.hidden, qat.train.weight_decay) == (64, 5e-4)
+  table = frameworks_table.node_config("cora", "mixq", "none", quick=False)
+  assert (table.model.hidden, table.train.weight_decay) == (128, 2e-4)
   graph = reproduce.cell_config("mutag", "gin", "mixq", "none", quick=False)
   base = lorap_jax.get_config("mutag")
   assert graph.model.hidden == base.model.hidden
