@@ -77,7 +77,7 @@ def time_fn(fn, *args, repeats: int) -> float:
 
 def copy_bandwidth(repeats: int) -> float:
   """Bytes per second of `x + 1` on a large float32 array (read + write)."""
-  size = (256 if on_gpu() else 64) * 2**20 // 4
+  size = (1024 if on_gpu() else 64) * 2**20 // 4
   x = jnp.zeros((size,), jnp.float32)
   seconds = time_fn(jax.jit(lambda x: x + 1.0), x, repeats=repeats)
   return 2 * x.nbytes / seconds
@@ -162,6 +162,13 @@ def try_time(implementation, s, params, grid, extra, repeats, config=None):
     reasons = "; ".join(str(e) for e in group.exceptions)
     print(f"<!-- {implementation} declined: {reasons} -->")
     return "n/a"
+  except Exception as error:  # A GPU compiler error, raised after dispatch.
+    # One failing kernel must not cost the rest of the table.
+    first_line = str(error).strip().splitlines()[0] if str(error) else ""
+    print(
+      f"<!-- {implementation} failed: {type(error).__name__}: {first_line} -->"
+    )
+    return "error"
 
 
 def benchmark(shapes, modes, repeats: int) -> None:
@@ -246,10 +253,11 @@ def tune(shapes, repeats: int, write: bool) -> None:
       print(f"{impl} n={n} d={d} k={k} r={r}: {best} {fmt_time(seconds)}")
       entries = table.setdefault(device_kind, {}).setdefault(impl, {})
       entries[config_lib.tuned_key(d, k, r)] = best.to_json()
+      if write:  # After every entry, so a cut-off run keeps what it timed.
+        config_lib.TUNED_CONFIGS_PATH.write_text(
+          json.dumps(table, indent=2, sort_keys=True) + "\n"
+        )
   if write:
-    config_lib.TUNED_CONFIGS_PATH.write_text(
-      json.dumps(table, indent=2, sort_keys=True) + "\n"
-    )
     print(f"wrote {config_lib.TUNED_CONFIGS_PATH}")
 
 

@@ -18,10 +18,12 @@ within about a minute on two CPU cores.
 import dataclasses
 import functools
 import importlib
-import importlib.util
 import json
 import pathlib
+import re
+import sys
 import tempfile
+import types
 
 import chex
 import jax
@@ -45,13 +47,9 @@ lorap_prompt_reference = lorap_jax.kernels.lorap_prompt_reference
 BlockConfig = lorap_jax.kernels.BlockConfig
 
 ON_GPU = jax.default_backend() == "gpu"
-HAS_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
-CAN_RUN_TRITON = (
-  ON_GPU
-  and HAS_JAX_TRITON
-  and (triton_lib.compute_capability() or 0.0)
-  >= triton_lib.MIN_COMPUTE_CAPABILITY
-)
+# A GPU, jax-triton and a Triton release it lowers with (the dispatcher's
+# own check).
+CAN_RUN_TRITON = triton_lib.runtime_problem() is None
 PARAM_NAMES = ("w_phi", "b_phi", "p_a", "p_b")
 
 
@@ -112,16 +110,14 @@ def as_row(value):
 def reference_op(s_hat, w_phi, b_phi, p_a, p_b, grid=None, **kwargs):
   """`lorap_prompt_reference` with per-channel vectors given as [1, d] rows.
 
-  On a GPU, XLA's float32 dots may use TF32; the kernels use IEEE float32,
-  so the oracle runs at full float32 precision.
+  The reference's dots are full float32 on a GPU too, like the kernels'.
   """
   if grid is not None:
     grid = lorap_jax.QParams(*(as_row(field) for field in grid))
   for key in ("input_scale", "input_zero_point"):
     if key in kwargs:
       kwargs[key] = as_row(kwargs[key])
-  with jax.default_matmul_precision("float32"):
-    return lorap_prompt_reference(s_hat, w_phi, b_phi, p_a, p_b, grid, **kwargs)
+  return lorap_prompt_reference(s_hat, w_phi, b_phi, p_a, p_b, grid, **kwargs)
 
 
 _STATIC_OPTIONS = ("output", "codes_dtype", "rounding", "gradient")
@@ -415,7 +411,7 @@ class PallasInterpretTest(PallasTest):
 @pytest.mark.gpu
 @pytest.mark.skipif(
   not CAN_RUN_TRITON,
-  reason="jax-triton needs a CUDA GPU of compute capability >= 8.0",
+  reason=str(triton_lib.runtime_problem()),
 )
 class TritonTest(KernelSuite):
   IMPLEMENTATION = "triton"
@@ -424,7 +420,7 @@ class TritonTest(KernelSuite):
 @pytest.mark.gpu
 @pytest.mark.skipif(
   not CAN_RUN_TRITON,
-  reason="jax-triton needs a CUDA GPU of compute capability >= 8.0",
+  reason=str(triton_lib.runtime_problem()),
 )
 class CrossImplementationTest(chex.TestCase):
   """triton vs pallas vs reference on the GPU (conventions.md, pitfall 3)."""
@@ -632,6 +628,34 @@ class DispatchTest(parameterized.TestCase):
     patcher.setattr(kernel_api.jax, "default_backend", lambda: backend)
     patcher.setattr(triton_lib, "compute_capability", lambda: capability)
     assert kernel_api.auto_implementations() == want
+
+  @parameterized.named_parameters(
+    (
+      "too_old",
+      "3.6.0",
+      r"Triton 3\.6\.0 is installed, jax-triton needs >= 3\.7",
+    ),
+    ("local_build_too_old", "3.6.0+git1a2b", r"Triton 3\.6\.0\+git1a2b"),
+    ("new_enough", "3.7.0", None),
+    ("newer", "3.10.1", None),
+  )
+  def test_triton_release_is_checked_before_dispatch(self, version, message):
+    # jax-triton 0.4.1 fails inside Triton 3.6's compiler at lowering time,
+    # after dispatch: the check must decline first so that Pallas runs.
+    patcher = pytest.MonkeyPatch()
+    self.addCleanup(patcher.undo)
+    patcher.setattr(triton_lib, "compute_capability", lambda: 9.0)
+    patcher.setitem(sys.modules, "jax_triton", types.ModuleType("jax_triton"))
+    fake_triton = types.ModuleType("triton")
+    fake_triton.__version__ = version
+    patcher.setitem(sys.modules, "triton", fake_triton)
+    if message is None:
+      assert triton_lib.runtime_problem() is None
+      triton_lib.check_supported(*_inputs()[:2])
+    else:
+      assert re.search(message, triton_lib.runtime_problem())
+      with pytest.raises(NotImplementedError, match=message):
+        triton_lib.check_supported(*_inputs()[:2])
 
   def test_falls_back_in_order(self):
     args = _inputs()

@@ -496,10 +496,14 @@ class GNNTest(parameterized.TestCase):
       if not name.startswith("lorap")
     }
     chex.assert_trees_all_equal(backbone, plain_vars["params"])
-    chex.assert_trees_all_equal(
-      prompted.apply(prompted_vars, graph, bits=bits),
-      plain.apply(plain_vars, graph, bits=bits),
-    )
+    got = prompted.apply(prompted_vars, graph, bits=bits)
+    want = plain.apply(plain_vars, graph, bits=bits)
+    if jax.default_backend() == "gpu":
+      # GPU scatter-adds are atomic: their summation order, and so the last
+      # bit of an aggregate, differs between two programs (seen: 3e-8).
+      chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    else:
+      chex.assert_trees_all_equal(got, want)
 
   @parameterized.named_parameters(
     ("gcn", "gcn"), ("gin", "gin"), ("gat", "gat")

@@ -18,9 +18,15 @@ on CPU (conventions.md, "Testing kernels without a GPU"). Two consequences:
   rule; padding S itself would cost a full copy, so such widths fall back to
   another implementation instead).
 
-Rows past `n` in the last block are padding (NaN in interpret mode, garbage on
-a GPU). Every operation is row-wise, so they never mix into valid rows, and
-their stores are dropped.
+Rows past `n` in the last block are masked: the Triton lowering neither
+bounds-checks nor masks block loads and stores, so a plain `o_ref[...] = x`
+in a partial last block writes past the output array, into whatever the
+allocator placed after it (seen on an H200: the next call read corrupted
+inputs). The S tile is loaded with the same row mask (`other=0`). Every
+operation is row-wise, so the masked rows never mix into valid ones.
+
+Dots run at `Precision.HIGHEST`: Pallas' Triton lowering maps the default
+precision of a float32 dot to TF32, like XLA's GPU default.
 """
 
 import functools
@@ -28,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from lorap_jax._src import quantization as q
 from lorap_jax.kernels.lorap_prompt import config as config_lib
@@ -91,6 +98,7 @@ def lorap_prompt_kernel(
   pa_ref,
   pb_ref,
   *refs,
+  n_rows: int,
   int_input: bool,
   output: str | None,
   rounding: q.RoundingMode,
@@ -104,20 +112,26 @@ def lorap_prompt_kernel(
     *refs: [1, d] input scale and zero point (if `int_input`), then [1, d]
       output scale, zero point, qmin and qmax (if `output`), then the
       [block_n, d] output ref.
+    n_rows: rows of S; the last block's rows past it are masked.
     int_input: `s_ref` holds codes.
     output: None (no output quantizer), "fake" or "codes".
     rounding: the output quantizer's rounding.
   """
   *vector_refs, o_ref = refs
-  s = s_ref[...]
+  block_n, d = s_ref.shape
+  rows = pl.program_id(0) * block_n
+  rows += jax.lax.broadcasted_iota(jnp.int32, (block_n, d), 0)
+  in_bounds = rows < n_rows
+  s = plgpu.load(s_ref, mask=in_bounds, other=0)
   if int_input:
     in_scale_ref, in_zero_ref, *vector_refs = vector_refs
     s = (s.astype(jnp.float32) - in_zero_ref[...]) * in_scale_ref[...]
-  logits = jnp.dot(s, w_ref[...]) + b_ref[...]
+  dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+  logits = dot(s, w_ref[...]) + b_ref[...]
   # softmax as jax.nn.softmax computes it: exp(x - max) / sum.
   unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   alpha = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
-  s_star = s + jnp.dot(jnp.dot(alpha, pa_ref[...]), pb_ref[...])
+  s_star = s + dot(dot(alpha, pa_ref[...]), pb_ref[...])
   if output is not None:
     scale_ref, zero_ref, qmin_ref, qmax_ref = vector_refs
     s_star = requantize(
@@ -129,7 +143,7 @@ def lorap_prompt_kernel(
       output=output,
       rounding=rounding,
     )
-  o_ref[...] = s_star.astype(o_ref.dtype)
+  plgpu.store(o_ref, s_star.astype(o_ref.dtype), mask=in_bounds)
 
 
 def pad_parameters(w_phi, b_phi, p_a, p_b):
@@ -237,13 +251,12 @@ def lorap_prompt_pallas(
   out_dtype = jnp.dtype(codes_dtype) if output == "codes" else jnp.float32
   compiler_params = None
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
-
     compiler_params = plgpu.CompilerParams(
       num_warps=block_config.num_warps, num_stages=block_config.num_stages
     )
   kernel = functools.partial(
     lorap_prompt_kernel,
+    n_rows=n,
     int_input=input_vectors is not None,
     output=output,
     rounding=rounding,

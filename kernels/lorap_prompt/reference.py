@@ -15,6 +15,7 @@ dequantization, same softmax, same `x / scale + zero_point` before rounding),
 and their backward pass is `jax.vjp` of this function.
 """
 
+import functools
 from typing import Literal
 
 import jax
@@ -24,6 +25,12 @@ import numpy as np
 from lorap_jax._src import quantization as q
 
 OutputMode = Literal["fake", "codes"]
+
+# Full float32 on GPUs too, where a float32 dot defaults to TF32 (a 10-bit
+# mantissa, about 1e-3 relative): the fused kernels' dots are IEEE, and the
+# backward pass of every implementation is this function's. The dots are
+# thin (k, r <= a few dozen), so the op stays memory-bound either way.
+_dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 OUTPUT_MODES = ("fake", "codes")
 
 
@@ -101,9 +108,9 @@ def lorap_prompt_reference(
     raise ValueError(
       f"input_scale is only for integer-code s_hat, got {s_hat.dtype=}"
     )
-  alpha = jax.nn.softmax(s_hat @ w_phi + b_phi[None], axis=-1)
+  alpha = jax.nn.softmax(_dot(s_hat, w_phi) + b_phi[None], axis=-1)
   # (alpha @ P_A) @ P_B costs n*(k*r + r*d), never materialising [k, d].
-  prompt = (alpha @ p_a) @ p_b
+  prompt = _dot(_dot(alpha, p_a), p_b)
   s_star = s_hat + prompt.astype(s_hat.dtype)
   if grid is None:
     if output == "codes":
@@ -120,5 +127,5 @@ def lorap_prompt_reference(
 
 def prompt_only_reference(s_hat, w_phi, b_phi, p_a, p_b) -> jax.Array:
   """The additive prompt P alone, [n_nodes, d] (for analysis and tests)."""
-  alpha = jax.nn.softmax(s_hat @ w_phi + b_phi[None], axis=-1)
-  return jnp.dot(jnp.dot(alpha, p_a), p_b)
+  alpha = jax.nn.softmax(_dot(s_hat, w_phi) + b_phi[None], axis=-1)
+  return _dot(_dot(alpha, p_a), p_b)

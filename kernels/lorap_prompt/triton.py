@@ -11,8 +11,9 @@ walks. `fold_vmap_into_batch` is that wrapper, written for any function whose
 arguments and result all carry a leading batch dimension; it is tested on CPU
 with a jnp stand-in for the launch.
 
-UNTESTED ON A GPU so far (no GPU was available when it was written): see
-kernels/README.md.
+NOT YET RUN ON A GPU: on the one GPU lent so far (an H200 whose image had
+Triton 3.6), jax-triton 0.4.1 could not lower it, and `runtime_problem`
+now declines such a Triton before dispatch; see kernels/README.md.
 """
 
 import functools
@@ -26,6 +27,10 @@ from lorap_jax._src import quantization as q
 from lorap_jax.kernels.lorap_prompt import config as config_lib
 
 MIN_COMPUTE_CAPABILITY = 8.0
+# jax-triton 0.4.1 (the `gpu` extra) needs Triton >= 3.7: with Triton 3.6
+# (what PyTorch 2.11's CUDA 13 images carry) its lowering fails inside
+# `triton.compiler.make_backend`, after dispatch, where no fallback can run.
+MIN_TRITON_VERSION = (3, 7)
 
 
 def compute_capability() -> float | None:
@@ -39,30 +44,56 @@ def compute_capability() -> float | None:
     return None
 
 
+def _version_tuple(version: str) -> tuple[int, ...]:
+  """(3, 6, 0) from "3.6.0" or "3.6.0+git1234"; non-numeric parts end it."""
+  parts = []
+  for part in version.split("+")[0].split("."):
+    if not part.isdigit():
+      break
+    parts.append(int(part))
+  return tuple(parts)
+
+
+def runtime_problem() -> str | None:
+  """Why this path cannot run on this machine, or None when it can.
+
+  Checked at dispatch (trace) time: a GPU compiler error at lowering time
+  comes after dispatch and would not fall back.
+  """
+  capability = compute_capability()
+  if capability is None:
+    backend = jax.default_backend()
+    return f"triton: needs a CUDA GPU, the default backend is {backend!r}"
+  if capability < MIN_COMPUTE_CAPABILITY:
+    return f"triton: compute capability {capability} < {MIN_COMPUTE_CAPABILITY}"
+  try:
+    import jax_triton  # noqa: F401
+    import triton
+  except ImportError as error:
+    return (
+      f"triton: jax-triton is not importable ({error}); install the `gpu` extra"
+    )
+  installed = getattr(triton, "__version__", "0")
+  if _version_tuple(installed) < MIN_TRITON_VERSION:
+    wanted = ".".join(map(str, MIN_TRITON_VERSION))
+    return (
+      f"triton: Triton {installed} is installed, jax-triton needs >= {wanted} "
+      "(its lowering fails on older releases); install the `gpu` extra"
+    )
+  return None
+
+
 def check_supported(s_hat, w_phi) -> None:
   """Raises NotImplementedError unless this path can run here.
 
   Raises:
     NotImplementedError: off a CUDA GPU of compute capability >= 8.0, when
-      jax-triton cannot be imported, or for dtypes the kernel does not take.
+      jax-triton cannot be imported or Triton is older than it needs, or
+      for dtypes the kernel does not take.
   """
-  capability = compute_capability()
-  if capability is None:
-    raise NotImplementedError(
-      f"triton: needs a CUDA GPU, the default backend is "
-      f"{jax.default_backend()!r}"
-    )
-  if capability < MIN_COMPUTE_CAPABILITY:
-    raise NotImplementedError(
-      f"triton: compute capability {capability} < {MIN_COMPUTE_CAPABILITY}"
-    )
-  try:
-    import jax_triton  # noqa: F401
-    import triton  # noqa: F401
-  except ImportError as error:
-    raise NotImplementedError(
-      f"triton: jax-triton is not importable ({error}); install the `gpu` extra"
-    ) from error
+  problem = runtime_problem()
+  if problem is not None:
+    raise NotImplementedError(problem)
   if s_hat.dtype != jnp.float32 and not jnp.issubdtype(
     s_hat.dtype, jnp.integer
   ):
