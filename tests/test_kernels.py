@@ -48,8 +48,9 @@ BlockConfig = lorap_jax.kernels.BlockConfig
 
 ON_GPU = jax.default_backend() == "gpu"
 # A GPU, jax-triton and a Triton release it lowers with (the dispatcher's
-# own check).
-CAN_RUN_TRITON = triton_lib.runtime_problem() is None
+# own check), asked once: the skip reasons below name the problem.
+TRITON_PROBLEM = triton_lib.runtime_problem()
+CAN_RUN_TRITON = TRITON_PROBLEM is None
 PARAM_NAMES = ("w_phi", "b_phi", "p_a", "p_b")
 
 
@@ -411,7 +412,7 @@ class PallasInterpretTest(PallasTest):
 @pytest.mark.gpu
 @pytest.mark.skipif(
   not CAN_RUN_TRITON,
-  reason=str(triton_lib.runtime_problem()),
+  reason=str(TRITON_PROBLEM),
 )
 class TritonTest(KernelSuite):
   IMPLEMENTATION = "triton"
@@ -420,7 +421,7 @@ class TritonTest(KernelSuite):
 @pytest.mark.gpu
 @pytest.mark.skipif(
   not CAN_RUN_TRITON,
-  reason=str(triton_lib.runtime_problem()),
+  reason=str(TRITON_PROBLEM),
 )
 class CrossImplementationTest(chex.TestCase):
   """triton vs pallas vs reference on the GPU (conventions.md, pitfall 3)."""

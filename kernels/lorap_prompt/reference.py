@@ -25,13 +25,13 @@ import numpy as np
 from lorap_jax._src import quantization as q
 
 OutputMode = Literal["fake", "codes"]
+OUTPUT_MODES = ("fake", "codes")
 
 # Full float32 on GPUs too, where a float32 dot defaults to TF32 (a 10-bit
 # mantissa, about 1e-3 relative): the fused kernels' dots are IEEE, and the
 # backward pass of every implementation is this function's. The dots are
 # thin (k, r <= a few dozen), so the op stays memory-bound either way.
 _dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-OUTPUT_MODES = ("fake", "codes")
 
 
 def dequantize_codes(
