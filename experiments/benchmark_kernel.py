@@ -2,7 +2,8 @@
 
 Usage:
   .venv/bin/python experiments/benchmark_kernel.py [--shapes cora,arxiv,large]
-      [--repeats 50] [--modes float,int8] [--tune [--write-tuned]]
+      [--repeats 50] [--modes float,int8] [--kr 8x4,16x8]
+      [--tune [--write-tuned]]
 
 Per shape (Cora 2,708 x 64, ogbn-arxiv 169,343 x 256, 2,000,000 x 128) and
 (k, r) in {8, 16} x {4, 8}, one Markdown row per input mode:
@@ -171,7 +172,7 @@ def try_time(implementation, s, params, grid, extra, repeats, config=None):
     return "error"
 
 
-def benchmark(shapes, modes, repeats: int) -> None:
+def benchmark(shapes, modes, pairs, repeats: int) -> None:
   device = jax.devices()[0]
   bandwidth = copy_bandwidth(repeats)
   print(
@@ -193,7 +194,7 @@ def benchmark(shapes, modes, repeats: int) -> None:
     w = jax.random.normal(key, (d, d), jnp.float32) / np.sqrt(d)
     layer = time_fn(gcn_layer, x, w, senders, receivers, norm, repeats=repeats)
     del x
-    for (k, r), mode in itertools.product(KR, modes):
+    for (k, r), mode in itertools.product(pairs, modes):
       s, params, grid, extra = prompt_inputs(n, d, k, r, mode, key)
       moved = bytes_moved(s, params)
       xla = try_time("xla", s, params, grid, extra, repeats)
@@ -226,7 +227,7 @@ def _separator(header: str) -> str:
   return "|" + "---|" * (header.count("|") - 1)
 
 
-def tune(shapes, repeats: int, write: bool) -> None:
+def tune(shapes, pairs, repeats: int, write: bool) -> None:
   """Times a grid of block configs per shape and fused implementation."""
   if not on_gpu():
     print("--tune needs a GPU: block sizes do not matter in interpret mode.")
@@ -240,7 +241,7 @@ def tune(shapes, repeats: int, write: bool) -> None:
   key = jax.random.key(0)
   for name in shapes:
     n, d = SHAPES[name]
-    for (k, r), impl in itertools.product(KR, FUSED):
+    for (k, r), impl in itertools.product(pairs, FUSED):
       s, params, grid, extra = prompt_inputs(n, d, k, r, "float", key)
       timings = []
       for config in candidates:
@@ -261,6 +262,17 @@ def tune(shapes, repeats: int, write: bool) -> None:
     print(f"wrote {config_lib.TUNED_CONFIGS_PATH}")
 
 
+def parse_pairs(text: str, parser: argparse.ArgumentParser):
+  """'8x4,16x8' -> ((8, 4), (16, 8)); a malformed pair is a usage error."""
+  pairs = []
+  for item in text.split(","):
+    k, sep, r = item.strip().partition("x")
+    if not (sep and k.isdigit() and r.isdigit() and int(k) > 0 and int(r) > 0):
+      parser.error(f"--kr: {item!r} is not KxR with positive integers")
+    pairs.append((int(k), int(r)))
+  return tuple(pairs)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -272,6 +284,12 @@ def main() -> None:
     "cora on CPU)",
   )
   parser.add_argument("--modes", default="float,int8")
+  parser.add_argument(
+    "--kr",
+    default=",".join(f"{k}x{r}" for k, r in KR),
+    help="comma-separated (k, r) pairs as KxR (default: %(default)s); a "
+    "subset keeps a short GPU lease's --tune inside its time",
+  )
   parser.add_argument("--repeats", type=int, default=50)
   parser.add_argument("--tune", action="store_true")
   parser.add_argument("--write-tuned", action="store_true")
@@ -286,12 +304,13 @@ def main() -> None:
   unknown += [m for m in modes if m not in MODES]
   if unknown:
     parser.error(f"unknown shapes or modes: {unknown}")
+  pairs = parse_pairs(args.kr, parser)
   if args.shapes is None and not on_gpu():
     print("No GPU: Cora only (pass --shapes to run the large ones on CPU).\n")
   if args.tune:
-    tune(shapes, args.repeats, args.write_tuned)
+    tune(shapes, pairs, args.repeats, args.write_tuned)
   else:
-    benchmark(shapes, modes, args.repeats)
+    benchmark(shapes, modes, pairs, args.repeats)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def test_put_keeps_values_and_lays_out_by_sharding():
     distributed.put(np.float32(1.0), distributed.split_leading(mesh))
 
 
-def test_budgets_split_evenly_over_shards():
-  dataset = lorap_jax.load_dataset("mutag")
+def test_budgets_split_evenly_over_shards(data_dir):
+  dataset = lorap_jax.load_dataset("mutag", data_dir=data_dir)
   single = lorap_jax.make_budgets(dataset.graphs, 32)
   for shards in (3, 8, 48):
     budgets = lorap_jax.make_budgets(dataset.graphs, 32, shards=shards)
@@ -51,11 +51,11 @@ def test_budgets_split_evenly_over_shards():
     lorap_jax.make_budgets(dataset.graphs, 32, shards=0)
 
 
-def test_batches_padded_for_shards_give_the_same_predictions():
+def test_batches_padded_for_shards_give_the_same_predictions(data_dir):
   """Extra padding graphs (for 8 shards) change no real graph's output."""
   config = lorap_jax.get_config("mutag")
   config.model.num_layers, config.model.hidden = 2, 16
-  dataset = lorap_jax.load_dataset("mutag")
+  dataset = lorap_jax.load_dataset("mutag", data_dir=data_dir)
   model = lorap_jax.create_model(config, num_classes=2, task="graph")
   outputs = []
   for shards in (1, 8):

@@ -613,6 +613,10 @@ class DispatchTest(parameterized.TestCase):
         )(*_inputs())
       )
       assert "pallas_call" not in jaxpr
+    elif config_lib.measured_auto_order(jax.devices()[0].device_kind):
+      assert resolved == config_lib.measured_auto_order(
+        jax.devices()[0].device_kind
+      )
     else:
       assert resolved[-1] == "xla" and resolved[0] in ("triton", "pallas")
 
@@ -628,7 +632,26 @@ class DispatchTest(parameterized.TestCase):
     self.addCleanup(patcher.undo)
     patcher.setattr(kernel_api.jax, "default_backend", lambda: backend)
     patcher.setattr(triton_lib, "compute_capability", lambda: capability)
+    patcher.setattr(config_lib, "measured_auto_order", lambda kind: None)
     assert kernel_api.auto_implementations() == want
+
+  def test_measured_auto_order_wins_on_its_gpu(self):
+    with tempfile.TemporaryDirectory() as directory:
+      path = pathlib.Path(directory) / "tuned.json"
+      path.write_text(json.dumps({"Fake GPU": {"auto_order": ["xla"]}}))
+      measured = functools.partial(config_lib.measured_auto_order, path=path)
+      assert measured("Fake GPU") == ("xla",) and measured("Other") is None
+      # The order is no block config: the tuned table skips it.
+      assert config_lib.load_tuned_configs(path) == {"Fake GPU": {}}
+    patcher = pytest.MonkeyPatch()
+    self.addCleanup(patcher.undo)
+    patcher.setattr(kernel_api.jax, "default_backend", lambda: "gpu")
+    patcher.setattr(triton_lib, "compute_capability", lambda: 9.0)
+    patcher.setattr(config_lib, "measured_auto_order", lambda kind: ("xla",))
+    assert kernel_api.auto_implementations() == ("xla",)
+    patcher.setattr(config_lib, "measured_auto_order", lambda kind: ("cuda",))
+    with pytest.raises(ValueError, match=r"auto_order=\['cuda'\] must name"):
+      kernel_api.auto_implementations()
 
   @parameterized.named_parameters(
     (
@@ -802,6 +825,9 @@ class BlockConfigTest(parameterized.TestCase):
   def test_checked_in_table_parses(self):
     table = config_lib.load_tuned_configs()
     assert isinstance(table, dict)
+    for device in table:
+      order = config_lib.measured_auto_order(device) or ()
+      assert set(order) <= set(kernel_api.IMPLEMENTATIONS), (device, order)
 
 
 # ---------------------------------------------------------------------------

@@ -14,9 +14,11 @@ import pytest
 _EIGHT_CPUS = "--xla_force_host_platform_device_count=8"
 
 
-def test_multidevice_suite_on_eight_virtual_cpus():
+def test_multidevice_suite_on_eight_virtual_cpus(data_dir):
   tests = pathlib.Path(__file__).parent / "multidevice"
   env = dict(os.environ)
+  # Found beside the checkout too: hand it on explicitly (its tests use MUTAG).
+  env["LORAP_DATA_DIR"] = str(data_dir)
   env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_EIGHT_CPUS}".strip()
   env["JAX_PLATFORMS"] = "cpu"
   result = subprocess.run(

@@ -172,12 +172,16 @@ class PromptPositionTest(parameterized.TestCase):
     quant = lorap_jax.QuantConfig()
     plain = _model(position, quant, kind="none")
     prompted = _model(position, quant)
-    plain_vars = plain.init(jax.random.key(4), GRAPH, bits=4.0)
-    prompted_vars = prompted.init(jax.random.key(4), GRAPH, bits=4.0)
-    chex.assert_trees_all_equal(
-      prompted.apply(prompted_vars, GRAPH, bits=4.0),
-      plain.apply(plain_vars, GRAPH, bits=4.0),
-    )
+    # On the CPU: a GPU may run x @ (W + A @ B) and x @ W through different
+    # GEMM kernels, whose last-bit differences the INT4 quantizers round into
+    # whole steps (seen on an H200). The identity itself is exact.
+    with jax.default_device(jax.devices("cpu")[0]):
+      plain_vars = plain.init(jax.random.key(4), GRAPH, bits=4.0)
+      prompted_vars = prompted.init(jax.random.key(4), GRAPH, bits=4.0)
+      chex.assert_trees_all_equal(
+        prompted.apply(prompted_vars, GRAPH, bits=4.0),
+        plain.apply(plain_vars, GRAPH, bits=4.0),
+      )
 
   def test_aggregate_is_sown_after_the_prompt(self):
     model = _model("post")

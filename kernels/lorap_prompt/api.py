@@ -10,7 +10,9 @@ Three implementations of one op (see `reference.py` for its definition):
 
 `implementation` is a name, a sequence of names tried in order, or
 None / "auto": ("triton", "pallas", "xla") on a CUDA GPU of compute
-capability >= 8.0, ("pallas", "xla") on other GPUs, ("xla",) elsewhere. A
+capability >= 8.0, ("pallas", "xla") on other GPUs, ("xla",) elsewhere,
+unless tuned_configs.json holds a measured order for the GPU's device kind
+(on an H200, XLA's unfused prompt measured fastest: kernels/README.md). A
 backend that cannot run the call raises NotImplementedError at trace time and
 the next one is tried; if none can, the errors are raised together as an
 ExceptionGroup. (Errors the GPU compiler raises later, at lowering time, are
@@ -52,11 +54,25 @@ def auto_implementations() -> tuple[str, ...]:
   """The order "auto" tries on this machine's default backend.
 
   Returns:
-    ("triton", "pallas", "xla") on a CUDA GPU of compute capability >= 8.0,
-    ("pallas", "xla") on other GPUs, ("xla",) elsewhere.
+    On a GPU whose device kind has a measured `"auto_order"` in
+    tuned_configs.json, that order; else ("triton", "pallas", "xla") on a
+    CUDA GPU of compute capability >= 8.0, ("pallas", "xla") on other GPUs,
+    and ("xla",) elsewhere.
+
+  Raises:
+    ValueError: if the measured order names an unknown implementation.
   """
   if jax.default_backend() != "gpu":
     return ("xla",)
+  measured = config_lib.measured_auto_order(jax.devices()[0].device_kind)
+  if measured is not None:
+    unknown = [name for name in measured if name not in IMPLEMENTATIONS]
+    if unknown or not measured:
+      raise ValueError(
+        f"{config_lib.TUNED_CONFIGS_PATH.name}: auto_order={list(measured)} "
+        f"must name implementations from {IMPLEMENTATIONS}"
+      )
+    return measured
   capability = triton_lib.compute_capability()
   if capability is not None and capability >= triton_lib.MIN_COMPUTE_CAPABILITY:
     return ("triton", "pallas", "xla")

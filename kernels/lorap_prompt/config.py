@@ -19,6 +19,10 @@ import json
 import pathlib
 
 TUNED_CONFIGS_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
+# A device kind's entry may also hold this key: the implementations `"auto"`
+# tries there, fastest first, where `experiments/benchmark_kernel.py`
+# measured the specified order to be slower (kernels/README.md, "GPU").
+AUTO_ORDER_KEY = "auto_order"
 
 # Triton's tl.dot needs every matrix dimension >= 16.
 MIN_BLOCK = 16
@@ -79,6 +83,10 @@ def tuned_key(d: int, k: int, r: int) -> str:
 
 
 @functools.cache
+def _read_table(path: pathlib.Path) -> dict:
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
 def load_tuned_configs(
   path: pathlib.Path = TUNED_CONFIGS_PATH,
 ) -> dict[str, dict[str, dict[str, BlockConfig]]]:
@@ -88,19 +96,33 @@ def load_tuned_configs(
     path: the JSON file; a missing file means no tuned values.
 
   Returns:
-    The parsed table (cached; call `load_tuned_configs.cache_clear()` after
-    rewriting the file).
+    The parsed table (the file is read once per process).
   """
-  if not path.exists():
-    return {}
-  raw = json.loads(path.read_text())
   return {
     device: {
       impl: {key: BlockConfig(**value) for key, value in entries.items()}
       for impl, entries in implementations.items()
+      if impl != AUTO_ORDER_KEY
     }
-    for device, implementations in raw.items()
+    for device, implementations in _read_table(path).items()
   }
+
+
+def measured_auto_order(
+  device_kind: str, path: pathlib.Path = TUNED_CONFIGS_PATH
+) -> tuple[str, ...] | None:
+  """The order `"auto"` tries on this device kind, where one was measured.
+
+  Args:
+    device_kind: `jax.Device.device_kind`.
+    path: the JSON file.
+
+  Returns:
+    The device entry's `"auto_order"` (implementation names, fastest
+    first), or None where there is none.
+  """
+  order = _read_table(path).get(device_kind, {}).get(AUTO_ORDER_KEY)
+  return None if order is None else tuple(order)
 
 
 def heuristic(n: int, d: int) -> BlockConfig:

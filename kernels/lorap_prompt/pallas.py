@@ -39,6 +39,10 @@ from jax.experimental.pallas import triton as plgpu
 from lorap_jax._src import quantization as q
 from lorap_jax.kernels.lorap_prompt import config as config_lib
 
+# The dots' precision, read at trace time: IEEE float32 (module docstring);
+# a benchmark may swap it to compare TF32 variants.
+DOT_PRECISION = jax.lax.Precision.HIGHEST
+
 
 def round_half_even(x: jax.Array) -> jax.Array:
   """Round half to even with floor only; bit-identical to `jnp.round`.
@@ -126,7 +130,7 @@ def lorap_prompt_kernel(
   if int_input:
     in_scale_ref, in_zero_ref, *vector_refs = vector_refs
     s = (s.astype(jnp.float32) - in_zero_ref[...]) * in_scale_ref[...]
-  dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)
+  dot = functools.partial(jnp.dot, precision=DOT_PRECISION)
   logits = dot(s, w_ref[...]) + b_ref[...]
   # softmax as jax.nn.softmax computes it: exp(x - max) / sum.
   unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))

@@ -1019,7 +1019,15 @@ def integer_matmul(
   if not x_codes.dtype == w_codes.dtype == jnp.int8:
     # Wider codes (9..16 bits) multiply as int32.
     x_codes, w_codes = x_codes.astype(jnp.int32), w_codes.astype(jnp.int32)
-  acc = jax.lax.dot(x_codes, w_codes, preferred_element_type=jnp.int32)
+  # Integer products are exact at any precision, and XLA's GPU GEMM finds no
+  # kernel for an int8 dot marked HIGHEST (seen on an H200 under
+  # jax_default_matmul_precision="highest"): pin the default.
+  acc = jax.lax.dot(
+    x_codes,
+    w_codes,
+    precision=jax.lax.Precision.DEFAULT,
+    preferred_element_type=jnp.int32,
+  )
   row_sums = jnp.sum(x_codes, axis=1, dtype=jnp.int32)[:, None]
   col_sums = jnp.sum(w_codes, axis=0, dtype=jnp.int32)[None, :]
   return (

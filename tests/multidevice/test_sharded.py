@@ -35,8 +35,8 @@ def _graph_config(framework: str, devices: int):
 
 
 @functools.cache
-def _mutag():
-  return lorap_jax.load_dataset("mutag")
+def _mutag(data_dir):
+  return lorap_jax.load_dataset("mutag", data_dir=data_dir)
 
 
 def _assert_same_update(old, new_a, new_b):
@@ -46,8 +46,8 @@ def _assert_same_update(old, new_a, new_b):
   np.testing.assert_allclose(update_a, update_b, atol=1e-3 * scale + 1e-9)
 
 
-def _host_batches(config):
-  dataset = _mutag()
+def _host_batches(config, data_dir):
+  dataset = _mutag(data_dir)
   # Budgets 8 divides, for both runs, so the shapes agree.
   budgets = lorap_jax.make_budgets(dataset.graphs, 32, shards=8)
   return list(
@@ -62,7 +62,7 @@ def _host_batches(config):
 @pytest.mark.parametrize(
   "framework", ["fp32", pytest.param("dq", marks=pytest.mark.slow)]
 )
-def test_data_parallel_step_matches_one_device(framework):
+def test_data_parallel_step_matches_one_device(framework, data_dir):
   """From the same state, a step on 8 devices is the step on one.
 
   Compared step by step from one state: over several steps, rounding-sized
@@ -72,7 +72,7 @@ def test_data_parallel_step_matches_one_device(framework):
   config = _graph_config(framework, 8)
   mesh = train_lib.data_parallel_mesh(config)
   place = train_lib._batch_placement(mesh)
-  batches = _host_batches(config)
+  batches = _host_batches(config, data_dir)
   model = train_lib.create_model(config, num_classes=2, task="graph")
   # SGD, so parameter updates are proportional to the gradients (Adam's
   # first step is lr * sign(gradient), whatever the gradient's size).
@@ -123,7 +123,7 @@ def test_data_parallel_step_matches_one_device(framework):
     state = single
 
 
-def test_data_parallel_run_trains_like_one_device(tmp_path):
+def test_data_parallel_run_trains_like_one_device(tmp_path, data_dir):
   """`train_and_evaluate` on 8 devices: a whole QAT run, checkpointed.
 
   Whole runs drift apart by rounding (see above; Adam's first steps, about
@@ -133,6 +133,7 @@ def test_data_parallel_run_trains_like_one_device(tmp_path):
   runs = []
   for devices in (8, 1):
     config = _graph_config("qat", devices)
+    config.data_dir = str(data_dir)
     config.train.epochs, config.folds = 4, 1
     # One batch per epoch: one padding budget, so one step compile per run
     # (each budget compiles for about 15 s on 8 virtual devices).
