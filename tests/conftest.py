@@ -17,8 +17,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # suite checks float32 and float64 oracles and exact identities (a
 # zero-initialised prompt changes nothing, one rng gives one result), which a
 # last-bit difference breaks once a quantizer rounds it to a whole step. So it
-# asks for IEEE float32 dots and deterministic scatters, as README.md tells
-# users who want the same. Neither changes anything on CPU.
+# asks for IEEE float32 dots and deterministic scatters, as kernels/README.md
+# tells users who want the same. Neither changes anything on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 _DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 if _DETERMINISTIC not in os.environ.get("XLA_FLAGS", ""):

@@ -605,6 +605,7 @@ class DispatchTest(parameterized.TestCase):
   @parameterized.named_parameters(("none", None), ("auto", "auto"))
   def test_auto_on_this_backend(self, implementation):
     resolved = kernel_api.resolve_implementations(implementation)
+    measured = config_lib.measured_auto_order(jax.devices()[0].device_kind)
     if not ON_GPU:
       assert resolved == ("xla",)
       jaxpr = str(
@@ -613,10 +614,8 @@ class DispatchTest(parameterized.TestCase):
         )(*_inputs())
       )
       assert "pallas_call" not in jaxpr
-    elif config_lib.measured_auto_order(jax.devices()[0].device_kind):
-      assert resolved == config_lib.measured_auto_order(
-        jax.devices()[0].device_kind
-      )
+    elif measured:
+      assert resolved == measured
     else:
       assert resolved[-1] == "xla" and resolved[0] in ("triton", "pallas")
 
