@@ -66,28 +66,11 @@ def run(config, out, name, reuse):
   return summary
 
 
-# MixQ's node-task runs take its own GCN width and weight decay
-# (frameworks.md 4.5; the other frameworks keep the dataset's). Its search
-# trains every candidate's scale with Adam at the backbone's rate; at hidden
-# 64 and weight decay 5e-4 that left the 50-epoch search near chance on Cora,
-# so it kept 2-bit inputs and the fixed model lost about 10 points.
-MIXQ_NODE_SETTINGS = {"model.hidden": 128, "train.weight_decay": 2e-4}
-
-
-def use_mixq_node_settings(config) -> None:
-  """Sets `MIXQ_NODE_SETTINGS` on a node-task config of framework mixq."""
-  if config.quant.framework != "mixq":
-    return
-  for path, value in MIXQ_NODE_SETTINGS.items():
-    section, field = path.split(".")
-    config[section][field] = value
-
-
 def node_config(dataset, framework, prompt, quick):
   config = lorap_jax.get_config(dataset)
   config.quant.framework = framework
   config.prompt.kind = prompt
-  use_mixq_node_settings(config)
+  lorap_jax.use_mixq_node_settings(config)
   if quick:
     config.seeds, config.train.epochs = 2, 5
     config.mixq.search_epochs = config.mixq.fp32_epochs = 3

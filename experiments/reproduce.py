@@ -37,11 +37,7 @@ import sys
 
 import jax
 from anchors import PAPER_VALUES, anchor_for
-from frameworks_table import (
-  MIXQ_NODE_SETTINGS,
-  framework_figure,
-  use_mixq_node_settings,
-)
+from frameworks_table import framework_figure
 
 import lorap_jax
 
@@ -142,7 +138,7 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
   config.prompt.kind = prompt
   node_task = lorap_jax.is_node_dataset(dataset)
   if node_task:
-    use_mixq_node_settings(config)
+    lorap_jax.use_mixq_node_settings(config)
   if quick:
     # Minutes-scale cells restart rather than resume; checkpoint writes
     # would cost more than the few epochs they protect.
@@ -470,6 +466,7 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     counts[key] = counts.get(key, 0) + 1
   keys = sorted(counts, key=_coverage_order)
   device = jax.devices()[0]
+  mixq_node = lorap_jax.MIXQ_NODE_SETTINGS
   lines = [
     f"# Reproduction table: {name}",
     "",
@@ -495,8 +492,8 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "{2, 4, 8} per component and reports the widths it kept (the figures "
     f"column); on node tasks its run is {_mixq_stages(quick, overrides)} "
     "epochs (search, FP32, quantized fine-tune) with MixQ's own GCN width "
-    f"{MIXQ_NODE_SETTINGS['model.hidden']} and weight decay "
-    f"{MIXQ_NODE_SETTINGS['train.weight_decay']}, on graph tasks a search "
+    f"{mixq_node['model.hidden']} and weight decay "
+    f"{mixq_node['train.weight_decay']}, on graph tasks a search "
     "then QAT from scratch, each as long as the other frameworks' run. "
     "LoRAP k = 10, r = 4 after every aggregation; GPF one input "
     "prompt; GPF-LoRAP GPF-plus (k = 10) on the input plus LoRAP. "

@@ -1,7 +1,12 @@
 """lorap_jax: LoRAP and quantization-aware GNN training in JAX/Flax."""
 
 from lorap_jax import kernels
-from lorap_jax._src.config import FRAMEWORKS, get_config
+from lorap_jax._src.config import (
+  FRAMEWORKS,
+  MIXQ_NODE_SETTINGS,
+  get_config,
+  use_mixq_node_settings,
+)
 from lorap_jax._src.data import (
   DATASET_NAMES,
   DataFileError,
@@ -135,6 +140,7 @@ __all__ = [
   "GPF",
   "INTERMEDIATES",
   "LORAP_POSITIONS",
+  "MIXQ_NODE_SETTINGS",
   "POINT_NAMES",
   "PROMPT_KINDS",
   "QUANT_STATS",
@@ -237,6 +243,7 @@ __all__ = [
   "unpack_int4",
   "update_ema",
   "update_running",
+  "use_mixq_node_settings",
   "validate_graph_dataset",
   "validate_node_dataset",
 ]

@@ -149,6 +149,32 @@ def test_cli_refuses_folds_the_dataset_lacks(data_dir, tmp_path, capsys):
   ), err
 
 
+def test_cli_gives_mixq_its_node_settings_unless_told_otherwise():
+  def config_of(*flags):
+    args = cli._parser().parse_args(["train", "--workdir=w", *flags])
+    return cli.build_config(args)
+
+  config = config_of("--dataset=cora", "--framework=mixq")
+  assert (config.model.hidden, config.train.weight_decay) == (128, 2e-4)
+  config = config_of(
+    "--dataset=cora",
+    "--set",
+    "quant.framework=mixq",
+    "--hidden=64",
+    "--set",
+    "train.weight_decay=0.0",
+  )
+  assert (config.model.hidden, config.train.weight_decay) == (64, 0.0)
+  # Other frameworks, and MixQ on graph tasks, keep the dataset's settings.
+  cora, mutag = lorap_jax.get_config("cora"), lorap_jax.get_config("mutag")
+  config = config_of("--dataset=cora", "--framework=qat")
+  assert config.model.hidden == cora.model.hidden == 64
+  assert config.train.weight_decay == cora.train.weight_decay == 5e-4
+  config = config_of("--dataset=mutag", "--framework=mixq")
+  assert config.model.hidden == mutag.model.hidden
+  assert config.train.weight_decay == mutag.train.weight_decay
+
+
 def test_cli_keeps_the_case_of_npz_paths():
   args = cli._parser().parse_args(
     ["train", "--dataset=npz/Amazon_Photo.npz", "--workdir=w"]

@@ -239,7 +239,22 @@ def build_config(args: argparse.Namespace):
   data_lib.is_node_dataset(args.dataset)
   name = args.dataset
   config = config_lib.get_config(name if "/" in name else name.lower())
-  return _with_flags(config, args, _FLAG_TO_CONFIG)
+  config = _with_flags(config, args, _FLAG_TO_CONFIG)
+  # MixQ's own node-task width and weight decay, as the result tables run
+  # it, where no flag sets them.
+  config_lib.use_mixq_node_settings(
+    config, keep=_explicit_paths(args, _FLAG_TO_CONFIG)
+  )
+  return config
+
+
+def _explicit_paths(args: argparse.Namespace, flags: dict) -> set[str]:
+  """The config paths the command line sets (flags and `--set`)."""
+  paths = {
+    path for flag, (path, _) in flags.items() if getattr(args, flag) is not None
+  }
+  paths |= {item.partition("=")[0] for item in args.set}
+  return paths
 
 
 def _parse_value(raw: str):
