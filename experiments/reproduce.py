@@ -345,6 +345,8 @@ def table_row(out: pathlib.Path, cell) -> dict:
         test_acc_std=_percent(summary["test_acc_std"]),
         val_acc_mean=_percent(summary["val_acc_mean"]),
       )
+    if summary["num_runs"] < 2:  # One run has no sample std: leave it empty.
+      row.update(test_acc_std="", test_mae_std="")
   elif (workdir / "error.txt").exists():
     message = (workdir / "error.txt").read_text().strip().splitlines()[0]
     row.update(status=f"failed: {message}")
@@ -572,10 +574,17 @@ def _cpu_count() -> int:
 
 def _result_text(row) -> str:
   if row["test_mae_mean"] != "":
-    return f"MAE {row['test_mae_mean']:.3f} ± {row['test_mae_std']:.3f}"
+    return "MAE " + _mean_std(row["test_mae_mean"], row["test_mae_std"], 3)
   if row["test_acc_mean"] != "":
-    return f"{row['test_acc_mean']:.1f} ± {row['test_acc_std']:.1f}"
+    return _mean_std(row["test_acc_mean"], row["test_acc_std"], 1)
   return row["status"]
+
+
+def _mean_std(mean, std, digits: int) -> str:
+  """'mean ± std', or the mean alone where there is no std (one run)."""
+  if std == "":
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _anchor_text(row) -> str:
