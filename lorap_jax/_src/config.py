@@ -74,8 +74,8 @@ def use_mixq_node_settings(config, *, keep=()) -> None:
   """Sets `MIXQ_NODE_SETTINGS` on a node-task config of framework mixq.
 
   Args:
-    config: a `get_config` config; others than MixQ on a node task are left
-      alone.
+    config: a `get_config` config; one of another framework, or of a graph
+      task, is left as it is.
     keep: dotted paths the user set explicitly, which stay as they are.
   """
   from lorap_jax._src.data import is_node_dataset
