@@ -136,9 +136,8 @@ def cell_config(dataset, model, framework, prompt, *, quick, overrides=None):
   config.model.architecture = model
   config.quant.framework = framework
   config.prompt.kind = prompt
+  lorap_jax.use_mixq_node_settings(config)  # Node tasks only, MixQ only.
   node_task = lorap_jax.is_node_dataset(dataset)
-  if node_task:
-    lorap_jax.use_mixq_node_settings(config)
   if quick:
     # Minutes-scale cells restart rather than resume; checkpoint writes
     # would cost more than the few epochs they protect.

@@ -220,13 +220,21 @@ def _with_flags(config, args: argparse.Namespace, flags: dict):
     value = getattr(args, flag)
     if value is not None:
       _set(config, path, value)
+  for key, raw in _set_items(args):
+    _set(config, key, _parse_value(raw))
+  _check_names(config)
+  return config
+
+
+def _set_items(args: argparse.Namespace) -> list[tuple[str, str]]:
+  """Each `--set KEY=VALUE` as (key, raw value)."""
+  items = []
   for item in args.set:
     key, sep, raw = item.partition("=")
     if not sep:
       raise ValueError(f"--set {item!r} must look like KEY=VALUE")
-    _set(config, key, _parse_value(raw))
-  _check_names(config)
-  return config
+    items.append((key, raw))
+  return items
 
 
 def build_config(args: argparse.Namespace):
@@ -253,7 +261,7 @@ def _explicit_paths(args: argparse.Namespace, flags: dict) -> set[str]:
   paths = {
     path for flag, (path, _) in flags.items() if getattr(args, flag) is not None
   }
-  paths |= {item.partition("=")[0] for item in args.set}
+  paths |= {key for key, _ in _set_items(args)}
   return paths
 
 
