@@ -146,16 +146,40 @@ def test_quantizer_under_jit_and_vmap(per_row_case):
 # --- Graph tasks: the nearest-neighbour pool ----------------------------------
 
 
-def test_pool_assignment_is_the_nearest_clip_level():
-  rng = np.random.default_rng(2)
-  x = rng.normal(size=(20, 4)).astype(np.float32)
-  pool_step = rng.uniform(0.01, 0.5, size=7).astype(np.float32)
-  pool_bits = rng.uniform(2, 6, size=7).astype(np.float32)
-  got = a2q.nearest_pool_entries(jnp.asarray(x), pool_step, pool_bits)
-  entry_max = 2.0 ** (np.round(pool_bits) - 1) * pool_step
+def _numpy_nearest_entries(x, pool_step, pool_bits):
+  """The reference's rule: argmin over the whole [n, M] distance table."""
+  entry_max = 2.0 ** (np.round(np.abs(pool_bits)) - 1) * np.abs(pool_step)
   feature_max = np.abs(x).max(1)
-  want = np.argmin((feature_max[:, None] - entry_max[None]) ** 2, axis=1)
-  chex.assert_trees_all_equal(got, jnp.asarray(want, jnp.int32))
+  return np.argmin((feature_max[:, None] - entry_max[None]) ** 2, axis=1)
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_pool_assignment_is_the_nearest_clip_level(duplicates):
+  rng = np.random.default_rng(2)
+  for _ in range(20):
+    x = rng.normal(size=(30, 4)).astype(np.float32) * rng.choice([0.1, 1, 10])
+    pool_step = rng.uniform(0.01, 0.5, size=9).astype(np.float32)
+    if duplicates:  # equal clip levels: the lowest index wins, as in argmin
+      pool_step = rng.choice(pool_step[:3], size=9)
+    pool_bits = rng.choice([2.0, 3.0, 4.0], size=9).astype(np.float32)
+    got = a2q.nearest_pool_entries(jnp.asarray(x), pool_step, pool_bits)
+    want = _numpy_nearest_entries(x, pool_step, pool_bits)
+    chex.assert_trees_all_equal(got, jnp.asarray(want, jnp.int32))
+
+
+def test_pool_assignment_ties_and_ends():
+  # Clip levels m = 2^(4 - 1) * s: [8, 24, 8, 40] for entries 0..3.
+  pool_step = np.array([1.0, 3.0, 1.0, 5.0], np.float32)
+  pool_bits = np.full(4, 4.0, np.float32)
+  feature_max = np.array([0.0, 8.0, 16.0, 32.0, 24.0, 100.0], np.float32)
+  x = np.stack([feature_max, -feature_max / 2], axis=1)
+  got = a2q.nearest_pool_entries(jnp.asarray(x), pool_step, pool_bits)
+  # Below all: the first of the equal 8s. Midway between 8 and 24, or 24
+  # and 40: the lower index. Above all: the largest.
+  np.testing.assert_array_equal(got, [0, 0, 0, 1, 1, 3])
+  np.testing.assert_array_equal(
+    got, _numpy_nearest_entries(x, pool_step, pool_bits)
+  )
 
 
 def test_pool_gradients_reach_only_the_chosen_entries():

@@ -156,6 +156,12 @@ def nearest_pool_entries(
   f_i = max_j |x_ij| and m_k = 2^(round|b_k| - 1) * s_k: the reference has
   no "- 1" in m_k (the paper's Algorithm 1 writes q_max * s); kept as coded.
 
+  The distances are one-dimensional, so the nearest m_k is one of the two
+  around f_i in sorted order: a binary search per node (O(n log M)) instead
+  of the reference's [n, M] distance table, which took four fifths of an A2Q
+  GIN training step on PROTEINS (M = 1000). Ties go to the lower index, as
+  argmin's do: among equal m_k, and between the two neighbours.
+
   Args:
     x: [n_nodes, d] features.
     pool_step: [M] steps.
@@ -164,10 +170,26 @@ def nearest_pool_entries(
   Returns:
     int32 [n_nodes] pool indices.
   """
-  feature_max = jnp.max(jnp.abs(x), axis=-1)
-  entry_max = 2.0 ** (jnp.round(jnp.abs(pool_bits)) - 1.0) * jnp.abs(pool_step)
-  distance = (feature_max[:, None] - entry_max[None, :]) ** 2
-  return jnp.argmin(jax.lax.stop_gradient(distance), axis=-1).astype(jnp.int32)
+  feature_max = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=-1))
+  entry_max = jax.lax.stop_gradient(
+    2.0 ** (jnp.round(jnp.abs(pool_bits)) - 1.0) * jnp.abs(pool_step)
+  )
+  order = jnp.argsort(entry_max, stable=True)
+  sorted_max = entry_max[order]
+  # The first m >= f (the first of its equal run), and the first of the run
+  # of the largest m < f; both clamped into the pool at its ends.
+  above = jnp.searchsorted(sorted_max, feature_max, side="left")
+  upper = jnp.minimum(above, entry_max.shape[0] - 1)
+  lower = jnp.searchsorted(
+    sorted_max, sorted_max[jnp.maximum(above - 1, 0)], side="left"
+  )
+  lower_distance = (feature_max - sorted_max[lower]) ** 2
+  upper_distance = (feature_max - sorted_max[upper]) ** 2
+  lower_entry, upper_entry = order[lower], order[upper]
+  take_lower = (lower_distance < upper_distance) | (
+    (lower_distance == upper_distance) & (lower_entry < upper_entry)
+  )
+  return jnp.where(take_lower, lower_entry, upper_entry).astype(jnp.int32)
 
 
 def _abs_normal_init(mean: float, std: float):
