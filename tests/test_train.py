@@ -3,10 +3,13 @@
 import json
 import re
 
+import chex
+import jax
+import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import cli
+from lorap_jax._src import cli, train
 
 
 def _small_config(dataset, **overrides):
@@ -247,3 +250,75 @@ def test_mean_and_std_is_the_sample_std():
   assert lorap_jax.mean_and_std([0.75]) == (0.75, 0.0)
   with pytest.raises(ValueError, match="at least one value"):
     lorap_jax.mean_and_std([])
+
+
+# --- The optimizer's hyper-parameters live in its state -----------------------
+
+
+def _csbm_inputs(**overrides):
+  config = lorap_jax.get_config("csbm")
+  config.csbm.num_nodes = 300
+  config.quant.framework = "a2q"
+  config.prompt.kind = "lorap"
+  for path, value in overrides.items():
+    section, _, leaf = path.rpartition("__")
+    config[section][leaf] = value
+  dataset = lorap_jax.load_dataset(
+    "csbm", None, **train._dataset_options(config)
+  )
+  model = lorap_jax.create_model(
+    config, num_classes=dataset.num_classes, task="node"
+  )
+  graph, eval_batch = train.node_inputs(dataset, config)
+  batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  return config, model, graph, batch
+
+
+OFF_DEFAULT = {
+  "train__learning_rate": 0.003,
+  "train__weight_decay": 1e-3,
+  "prompt__learning_rate": 0.02,
+  "prompt__weight_decay": 2e-4,
+  "a2q__lr_step_feature": 0.05,
+}
+
+
+def test_initial_train_state_holds_the_configs_hyperparameters():
+  config, model, graph, _ = _csbm_inputs(**OFF_DEFAULT)
+  state = train.initial_train_state(config, model, graph, jax.random.key(0))
+  # The uncached optimizer, built with the values themselves.
+  want = lorap_jax.create_optimizer(config).init(state.params)
+  chex.assert_trees_all_equal(state.opt_state, want)
+  backbone = state.opt_state.inner_states["backbone"].inner_state
+  np.testing.assert_allclose(backbone.hyperparams["learning_rate"], 0.003)
+
+
+def test_a_new_learning_rate_reuses_the_compiled_steps():
+  config, model, graph, batch = _csbm_inputs()
+  changed, *_ = _csbm_inputs(**OFF_DEFAULT)
+  key, rng = jax.random.key(0), jax.random.key(1)
+  first = train.initial_train_state(config, model, graph, key)
+  second = train.initial_train_state(changed, model, graph, key)
+  assert first.tx is second.tx
+  train.train_step(first, batch, rng)
+  compiled = train.train_step._cache_size()
+  stepped, _ = train.train_step(second, batch, rng)
+  assert train.train_step._cache_size() == compiled
+  # The same step as with an optimizer built from `changed` itself.
+  fresh = lorap_jax.create_train_state(
+    model, lorap_jax.create_optimizer(changed), graph, key, changed.quant.bits
+  )
+  want, _ = train.train_step(fresh, batch, rng)
+  chex.assert_trees_all_close(stepped.params, want.params, rtol=1e-6)
+
+
+def test_a_step_decay_keeps_the_learning_rates_in_the_optimizer():
+  # The decay schedule is built from the base rate, so it stays static.
+  config, model, graph, _ = _csbm_inputs(train__lr_decay_every=10)
+  changed, *_ = _csbm_inputs(train__lr_decay_every=10, **OFF_DEFAULT)
+  key = jax.random.key(0)
+  first = train.initial_train_state(config, model, graph, key)
+  second = train.initial_train_state(changed, model, graph, key)
+  assert first.tx is not second.tx
+  want = lorap_jax.create_optimizer(changed).init(second.params)
+  chex.assert_trees_all_equal(second.opt_state, want)

@@ -274,11 +274,9 @@ def _source_runs(source: pathlib.Path, source_config, seeds: int) -> dict:
 
 def _load_selected(runs, model, source_config, graph, seed):
   """The source run's validation-selected `TrainState` of `seed`."""
-  tx = train_lib._optimizer(source_config, steps_per_epoch=1)
-  bits = source_config.quant.bits
 
   def template(key):
-    return train_lib.create_train_state(model, tx, graph, key, bits)
+    return train_lib.initial_train_state(source_config, model, graph, key)
 
   if "vmapped" in runs:
     keys = jax.numpy.stack(

@@ -117,7 +117,6 @@ def _train_node_run(
   }
   batch_size = config.train.batch_size
   steps_per_epoch = -(-len(train_nodes) // batch_size)
-  tx = train_lib._optimizer(config, steps_per_epoch=steps_per_epoch)
   rng = np.random.default_rng(seed)
   init_key, dropout_key = jax.random.split(jax.random.key(seed))
 
@@ -134,8 +133,8 @@ def _train_node_run(
     )
 
   example, _, _ = next(batches(train_nodes, False, np.random.default_rng(0)))
-  state = train_lib.create_train_state(
-    model, tx, example, init_key, config.quant.bits
+  state = train_lib.initial_train_state(
+    config, model, example, init_key, steps_per_epoch=steps_per_epoch
   )
   finished = train_lib._finished_run(checkpointer, state)
   if finished is not None:

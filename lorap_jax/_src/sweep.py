@@ -229,33 +229,15 @@ class SweepMetrics(NamedTuple):
   diverged_epoch: jax.Array  # int32, first non-finite loss; -1: none
 
 
-def _with_hyperparameters(opt_state, point: SweepPoint):
-  """The optimizer state with the point's injected hyper-parameters.
-
-  `create_optimizer` wraps each group in `optax.inject_hyperparams`, whose
-  state holds the values as arrays; a group without them (a frozen
-  backbone's `set_to_zero`) is left alone.
-  """
-  values = {
+def _point_hyperparameters(point: SweepPoint) -> dict:
+  """The optimizer values a point sets (`train.with_hyperparameters`)."""
+  return {
     "backbone": {
       "learning_rate": point.learning_rate,
       "weight_decay": point.weight_decay,
     },
     "prompt": {"learning_rate": point.prompt_learning_rate},
   }
-  inner = dict(opt_state.inner_states)
-  for group, settings in values.items():
-    masked = inner[group]
-    hyperparams = getattr(masked.inner_state, "hyperparams", None)
-    if hyperparams is None:
-      continue
-    hyperparams = dict(hyperparams)
-    for name, value in settings.items():
-      hyperparams[name] = jnp.asarray(value, hyperparams[name].dtype)
-    inner[group] = masked._replace(
-      inner_state=masked.inner_state._replace(hyperparams=hyperparams)
-    )
-  return opt_state._replace(inner_states=inner)
 
 
 def make_sweep_run(
@@ -279,7 +261,6 @@ def make_sweep_run(
     `run_one`, taking a `SweepPoint`, the graph and the `EvalBatch` of
     `train.node_inputs`.
   """
-  tx = train_lib._optimizer(config, steps_per_epoch=1)
   epochs = config.train.epochs
   by_loss = config.train.selection == "val_loss"
 
@@ -288,9 +269,13 @@ def make_sweep_run(
       graph, eval_batch.labels, eval_batch.masks["train"]
     )
     init_key, dropout_key = jax.random.split(jax.random.key(point.seed))
-    state = train_lib.create_train_state(model, tx, graph, init_key, point.bits)
+    state = train_lib.initial_train_state(
+      config, model, graph, init_key, bits=point.bits
+    )
     state = state.replace(
-      opt_state=_with_hyperparameters(state.opt_state, point)
+      opt_state=train_lib.with_hyperparameters(
+        state.opt_state, _point_hyperparameters(point)
+      )
     )
 
     def epoch_fn(carry, epoch):

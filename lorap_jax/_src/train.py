@@ -302,24 +302,15 @@ def create_optimizer(
       staircase=True,
     )
 
-  prompt_lr = config.prompt.learning_rate
-  backbone = optax.inject_hyperparams(_adam_with_l2)(
-    learning_rate=schedule(train.learning_rate),
-    weight_decay=train.weight_decay,
-  )
-  prompt = optax.inject_hyperparams(_adam_with_l2)(
-    learning_rate=schedule(prompt_lr),
-    weight_decay=config.prompt.weight_decay,
-  )
-  # A2Q's quantizer parameters: their own learning rates, no weight decay.
-  a2q_settings = config.get("a2q")
-  quantizer_groups = {"a2q_frozen": optax.set_to_zero()}
-  for group in ("step_weight", "step_xw", "step_feature", "bits_feature"):
-    lr = a2q_settings[f"lr_{group}"] if a2q_settings else 0.0
-    quantizer_groups[f"a2q_{group}"] = optax.inject_hyperparams(_adam_with_l2)(
-      learning_rate=schedule(lr), weight_decay=0.0
+  transforms = {
+    group: optax.inject_hyperparams(_adam_with_l2)(
+      learning_rate=schedule(values["learning_rate"]),
+      weight_decay=values["weight_decay"],
     )
-  transforms = {"backbone": backbone, "prompt": prompt, **quantizer_groups}
+    for group, values in injected_hyperparameters(config).items()
+  }
+  # A2Q's weight and XW bit widths stay at their initial value (A2Q_GROUPS).
+  transforms["a2q_frozen"] = optax.set_to_zero()
   return optax.multi_transform(
     _trainable_transforms(transforms, train.trainable), parameter_groups
   )
@@ -342,6 +333,58 @@ def _trainable_transforms(transforms: dict, trainable: str) -> dict:
   }
 
 
+# A2Q's learned quantizer parameters: their own learning rates, no weight
+# decay (the reference's groups).
+A2Q_QUANTIZER_GROUPS = (
+  "step_weight",
+  "step_xw",
+  "step_feature",
+  "bits_feature",
+)
+
+
+def injected_hyperparameters(config) -> dict[str, dict[str, float]]:
+  """The learning rate and weight decay of each optimizer group, from
+  `config`: the values `create_optimizer` injects."""
+  a2q_settings = config.get("a2q")
+  values = {
+    "backbone": {
+      "learning_rate": config.train.learning_rate,
+      "weight_decay": config.train.weight_decay,
+    },
+    "prompt": {
+      "learning_rate": config.prompt.learning_rate,
+      "weight_decay": config.prompt.weight_decay,
+    },
+  }
+  for group in A2Q_QUANTIZER_GROUPS:
+    lr = a2q_settings[f"lr_{group}"] if a2q_settings else 0.0
+    values[f"a2q_{group}"] = {"learning_rate": lr, "weight_decay": 0.0}
+  return values
+
+
+def with_hyperparameters(opt_state, values: Mapping[str, Mapping[str, Any]]):
+  """`opt_state` of `create_optimizer` with `values[group][name]` injected.
+
+  `optax.inject_hyperparams` keeps the values as arrays in the state, so
+  they can change (or be vmapped) without changing the optimizer. A group
+  without them (a frozen group's `set_to_zero`) is left alone.
+  """
+  inner = dict(opt_state.inner_states)
+  for group, settings in values.items():
+    masked = inner[group]
+    hyperparams = getattr(masked.inner_state, "hyperparams", None)
+    if hyperparams is None:
+      continue
+    hyperparams = dict(hyperparams)
+    for name, value in settings.items():
+      hyperparams[name] = jnp.asarray(value, hyperparams[name].dtype)
+    inner[group] = masked._replace(
+      inner_state=masked.inner_state._replace(hyperparams=hyperparams)
+    )
+  return opt_state._replace(inner_states=inner)
+
+
 @functools.cache
 def _cached_optimizer(config_json: str, steps_per_epoch: int):
   config = ml_collections.ConfigDict(json.loads(config_json))
@@ -349,9 +392,43 @@ def _cached_optimizer(config_json: str, steps_per_epoch: int):
 
 
 def _optimizer(config, *, steps_per_epoch: int):
-  # The optimizer is a static field of TrainState: one object per distinct
-  # config keeps jit's cache warm across seeds and folds (no retracing).
+  # The optimizer is a static field of TrainState: one object per optimizer
+  # structure keeps jit's cache warm across seeds, folds and calls. Without
+  # a step decay, learning rates and weight decays are not part of that
+  # structure (they live in the state: `initial_train_state` writes them),
+  # so a run at a new learning rate does not recompile its steps.
+  if not config.train.lr_decay_every:
+    config = config.copy_and_resolve_references()
+    config.train.learning_rate = config.train.weight_decay = 0.0
+    config.prompt.learning_rate = config.prompt.weight_decay = 0.0
+    if config.get("a2q"):
+      for group in A2Q_QUANTIZER_GROUPS:
+        config.a2q[f"lr_{group}"] = 0.0
   return _cached_optimizer(config.to_json(), steps_per_epoch)
+
+
+def initial_train_state(
+  config, model, graph, key, *, steps_per_epoch: int = 1, bits=None, **kwargs
+) -> TrainState:
+  """`create_train_state` with `config`'s optimizer and hyper-parameters.
+
+  `bits` defaults to `config.quant.bits`; `kwargs` go to
+  `create_train_state`.
+  """
+  tx = _optimizer(config, steps_per_epoch=steps_per_epoch)
+  state = create_train_state(
+    model,
+    tx,
+    graph,
+    key,
+    config.quant.bits if bits is None else bits,
+    **kwargs,
+  )
+  return state.replace(
+    opt_state=with_hyperparameters(
+      state.opt_state, injected_hyperparameters(config)
+    )
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -889,15 +966,13 @@ def _train_node_run(
   checkpointer=None,
 ) -> RunRecord:
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
-  tx = _optimizer(config, steps_per_epoch=1)
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
-  state = create_train_state(
+  state = initial_train_state(
+    config,
     model,
-    tx,
     graph,
     init_key,
-    config.quant.bits,
     start_from=start_from,
     update_statistics=config.train.update_statistics,
   )
@@ -951,17 +1026,15 @@ def _train_node_runs_vmapped(
   seed's selected one) and resumes them like a single run's.
   """
   train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
-  tx = _optimizer(config, steps_per_epoch=1)
   keys = [jax.random.split(jax.random.key(seed)) for seed in seeds]
   init_keys = jnp.stack([k[0] for k in keys])
   dropout_keys = jnp.stack([k[1] for k in keys])
   states = jax.vmap(
-    lambda key: create_train_state(
+    lambda key: initial_train_state(
+      config,
       model,
-      tx,
       graph,
       key,
-      config.quant.bits,
       update_statistics=config.train.update_statistics,
     )
   )(init_keys)
@@ -1088,18 +1161,17 @@ def _train_graph_run(
 ) -> RunRecord:
   rng = np.random.default_rng(seed)
   steps_per_epoch = -(-len(fold.train) // config.train.batch_size)
-  tx = _optimizer(config, steps_per_epoch=steps_per_epoch)
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
   example = next(
     _graph_batches(dataset, fold.train, config, budgets, shuffle=False, rng=rng)
   )
-  state = create_train_state(
+  state = initial_train_state(
+    config,
     model,
-    tx,
     example.graph,
     init_key,
-    config.quant.bits,
+    steps_per_epoch=steps_per_epoch,
     loss=task_loss(config, dataset.task),
     target_affine=_target_affine(config, dataset, fold),
     update_statistics=config.train.update_statistics,
