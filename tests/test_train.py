@@ -322,3 +322,25 @@ def test_a_step_decay_keeps_the_learning_rates_in_the_optimizer():
   assert first.tx is not second.tx
   want = lorap_jax.create_optimizer(changed).init(second.params)
   chex.assert_trees_all_equal(second.opt_state, want)
+
+
+def test_a_second_run_at_another_learning_rate_compiles_nothing(tmp_path):
+  config = lorap_jax.get_config("csbm")
+  config.csbm.num_nodes = 300
+  config.seeds = 1
+  config.train.epochs = 3
+  config.checkpoint.enabled = False
+  # Equal models are one object: `TrainState.apply_fn` is its bound method.
+  assert lorap_jax.create_model(
+    config, num_classes=4, task="node"
+  ) is lorap_jax.create_model(
+    config.copy_and_resolve_references(), num_classes=4, task="node"
+  )
+  lorap_jax.train_and_evaluate(config, tmp_path / "first")
+  compiled = train.train_step._cache_size(), train.eval_step._cache_size()
+  config.train.learning_rate = 0.002
+  config.train.weight_decay = 1e-3
+  lorap_jax.train_and_evaluate(config, tmp_path / "second")
+  assert (train.train_step._cache_size(), train.eval_step._cache_size()) == (
+    compiled
+  )

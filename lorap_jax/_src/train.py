@@ -236,9 +236,16 @@ def create_model(
     batch_norm=config.model.batch_norm,
     readout=config.model.readout,
   )
-  return models.GNN(
-    model=model_config, quant=quant_config(config), prompt=prompt_config(config)
-  )
+  return _model(model_config, quant_config(config), prompt_config(config))
+
+
+@functools.cache
+def _model(model_config, quant, prompt) -> models.GNN:
+  # One object per distinct model. TrainState keeps `model.apply`, a bound
+  # method, and bound methods compare by their object's identity: equal
+  # models built twice (MixQ's stages in every fold, a second call of
+  # train_and_evaluate) would otherwise recompile every step.
+  return models.GNN(model=model_config, quant=quant, prompt=prompt)
 
 
 # Optimizer groups of A2Q's quantizer parameters, by leaf name. The
