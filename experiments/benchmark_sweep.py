@@ -9,9 +9,10 @@ epochs, trained
 - "train_and_evaluate, one after another": the library path a user would
   otherwise take, one call per (learning rate, prompt learning rate) with
   `config.seeds = 4` (8 calls, 32 runs), checkpoints off, no progress bar.
-  Its wall time includes what that path does besides the epochs (a compile
-  per call, since the learning rates are part of the optimizer the jitted
-  steps see; dataset loading; per-epoch host work and logging). Its "train"
+  Its wall time includes what that path does besides the epochs (its
+  compiles: the learning rates live in the optimizer state, so the first
+  call compiles and the other seven reuse the programs; dataset loading;
+  per-epoch host work and logging). Its "train"
   time is the library's own steady-state figure: the median epoch time
   (train step + evaluation, results ready, after the two compiling epochs)
   x epochs x runs, so compiles and per-epoch host work are left out.
