@@ -300,6 +300,7 @@ def test_a_new_learning_rate_reuses_the_compiled_steps():
   first = train.initial_train_state(config, model, graph, key)
   second = train.initial_train_state(changed, model, graph, key)
   assert first.tx is second.tx
+  assert train._optimizer(config, steps_per_epoch=3) is first.tx
   train.train_step(first, batch, rng)
   compiled = train.train_step._cache_size()
   stepped, _ = train.train_step(second, batch, rng)
@@ -320,6 +321,7 @@ def test_a_step_decay_keeps_the_learning_rates_in_the_optimizer():
   first = train.initial_train_state(config, model, graph, key)
   second = train.initial_train_state(changed, model, graph, key)
   assert first.tx is not second.tx
+  assert train._optimizer(config, steps_per_epoch=3) is not first.tx
   want = lorap_jax.create_optimizer(changed).init(second.params)
   chex.assert_trees_all_equal(second.opt_state, want)
 

@@ -403,8 +403,10 @@ def _optimizer(config, *, steps_per_epoch: int):
   # structure keeps jit's cache warm across seeds, folds and calls. Without
   # a step decay, learning rates and weight decays are not part of that
   # structure (they live in the state: `initial_train_state` writes them),
-  # so a run at a new learning rate does not recompile its steps.
+  # so a run at a new learning rate does not recompile its steps; nor do
+  # epochs of another length, which only a decay schedule counts.
   if not config.train.lr_decay_every:
+    steps_per_epoch = 1
     config = config.copy_and_resolve_references()
     config.train.learning_rate = config.train.weight_decay = 0.0
     config.prompt.learning_rate = config.prompt.weight_decay = 0.0
