@@ -256,13 +256,10 @@ def test_mean_and_std_is_the_sample_std():
 
 
 def _csbm_inputs(**overrides):
-  config = lorap_jax.get_config("csbm")
+  config = _small_config(
+    "csbm", quant__framework="a2q", prompt__kind="lorap", **overrides
+  )
   config.csbm.num_nodes = 300
-  config.quant.framework = "a2q"
-  config.prompt.kind = "lorap"
-  for path, value in overrides.items():
-    section, _, leaf = path.rpartition("__")
-    config[section][leaf] = value
   dataset = lorap_jax.load_dataset(
     "csbm", None, **train._dataset_options(config)
   )
@@ -327,11 +324,8 @@ def test_a_step_decay_keeps_the_learning_rates_in_the_optimizer():
 
 
 def test_a_second_run_at_another_learning_rate_compiles_nothing(tmp_path):
-  config = lorap_jax.get_config("csbm")
+  config = _small_config("csbm", epochs=3, checkpoint__enabled=False)
   config.csbm.num_nodes = 300
-  config.seeds = 1
-  config.train.epochs = 3
-  config.checkpoint.enabled = False
   # Equal models are one object: `TrainState.apply_fn` is its bound method.
   assert lorap_jax.create_model(
     config, num_classes=4, task="node"

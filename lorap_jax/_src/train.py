@@ -350,23 +350,34 @@ A2Q_QUANTIZER_GROUPS = (
 )
 
 
+def _hyperparameter_paths(config) -> list[tuple[str, str, str]]:
+  """(group, name, "section.leaf" config path) of each injected value the
+  config sets; A2Q's groups only where it has A2Q settings."""
+  paths = [
+    ("backbone", "learning_rate", "train.learning_rate"),
+    ("backbone", "weight_decay", "train.weight_decay"),
+    ("prompt", "learning_rate", "prompt.learning_rate"),
+    ("prompt", "weight_decay", "prompt.weight_decay"),
+  ]
+  if config.get("a2q"):
+    paths += [
+      (f"a2q_{group}", "learning_rate", f"a2q.lr_{group}")
+      for group in A2Q_QUANTIZER_GROUPS
+    ]
+  return paths
+
+
 def injected_hyperparameters(config) -> dict[str, dict[str, float]]:
   """The learning rate and weight decay of each optimizer group, from
   `config`: the values `create_optimizer` injects."""
-  a2q_settings = config.get("a2q")
+  # A2Q's groups have no weight decay, and no learning rate without A2Q.
   values = {
-    "backbone": {
-      "learning_rate": config.train.learning_rate,
-      "weight_decay": config.train.weight_decay,
-    },
-    "prompt": {
-      "learning_rate": config.prompt.learning_rate,
-      "weight_decay": config.prompt.weight_decay,
-    },
+    f"a2q_{group}": {"learning_rate": 0.0, "weight_decay": 0.0}
+    for group in A2Q_QUANTIZER_GROUPS
   }
-  for group in A2Q_QUANTIZER_GROUPS:
-    lr = a2q_settings[f"lr_{group}"] if a2q_settings else 0.0
-    values[f"a2q_{group}"] = {"learning_rate": lr, "weight_decay": 0.0}
+  for group, name, path in _hyperparameter_paths(config):
+    section, leaf = path.split(".")
+    values.setdefault(group, {})[name] = config[section][leaf]
   return values
 
 
@@ -408,11 +419,9 @@ def _optimizer(config, *, steps_per_epoch: int):
   if not config.train.lr_decay_every:
     steps_per_epoch = 1
     config = config.copy_and_resolve_references()
-    config.train.learning_rate = config.train.weight_decay = 0.0
-    config.prompt.learning_rate = config.prompt.weight_decay = 0.0
-    if config.get("a2q"):
-      for group in A2Q_QUANTIZER_GROUPS:
-        config.a2q[f"lr_{group}"] = 0.0
+    for _, _, path in _hyperparameter_paths(config):
+      section, leaf = path.split(".")
+      config[section][leaf] = 0.0
   return _cached_optimizer(config.to_json(), steps_per_epoch)
 
 
