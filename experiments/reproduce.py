@@ -44,16 +44,12 @@ import lorap_jax
 QUANT_FRAMEWORKS = ("qat", "dq", "a2q", "mixq")
 FRAMEWORKS = ("fp32", *QUANT_FRAMEWORKS)
 PROMPTS = ("none", "lorap", "gpf", "gpf-lorap")
-# Regression sets report MAE. The training loop has no regression head yet,
-# so they are left out of the default dataset list and a cell runs only when
-# named in --datasets; a summary with "test_mae_mean" fills its row.
+# Regression sets report test MAE (lower is better) instead of accuracy.
 REGRESSION_DATASETS = ("aqsol",)
 # Generated graphs for scaling studies, not benchmarks of the paper's kind.
 SYNTHETIC_DATASETS = ("csbm",)
 DATASETS = tuple(
-  name
-  for name in lorap_jax.DATASET_NAMES
-  if name not in REGRESSION_DATASETS + SYNTHETIC_DATASETS
+  name for name in lorap_jax.DATASET_NAMES if name not in SYNTHETIC_DATASETS
 )
 # Architectures as the anchors use them: GCN on node tasks (GAT on request,
 # `--models gat`), GIN on graph tasks.
@@ -262,8 +258,13 @@ def protocol_label(saved_config: dict, dataset, model, framework, prompt):
   return "custom"
 
 
+def _count(count: int, noun: str) -> str:
+  """'1 seed', '10 seeds'."""
+  return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _runs_text(count: int, runs_of: str) -> str:
-  return f"{count} run{'' if count == 1 else 's'} ({runs_of})"
+  return f"{_count(count, 'run')} ({runs_of})"
 
 
 def cell_figure(summary: dict) -> str:
@@ -289,6 +290,12 @@ def _selection_rule(selection: str) -> str:
     "val_loss": "lowest validation loss",
     "val_mae": "lowest validation MAE",
   }.get(selection, selection)
+
+
+def _decay_text(train) -> str:
+  if not train.lr_decay_every:
+    return ""
+  return f" x {train.lr_decay_factor} every {train.lr_decay_every} epochs"
 
 
 def _percent(value):
@@ -319,7 +326,8 @@ def table_row(out: pathlib.Path, cell) -> dict:
     summary = json.loads(summary_path.read_text())
     config = summary["config"]
     node_task = lorap_jax.is_node_dataset(dataset)
-    runs_of = "seeds" if node_task else "folds x seeds"
+    fixed_split = node_task or config["folds"] == 1
+    runs_of = "seeds" if fixed_split else "folds x seeds"
     row.update(
       status="done",
       protocol=protocol_label(config, *cell),
@@ -351,8 +359,6 @@ def table_row(out: pathlib.Path, cell) -> dict:
     row.update(status=f"failed: {message}")
   elif any((workdir / "checkpoints").glob("*")):
     row.update(status="interrupted: --reuse resumes it from checkpoints")
-  elif is_regression(dataset):
-    row.update(status="skipped: regression task, no MAE summary yet")
   return row
 
 
@@ -378,29 +384,36 @@ def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
       dataset, model, "qat", "none", quick=quick, overrides=overrides
     )
     if lorap_jax.is_node_dataset(dataset):
-      runs = f"{config.seeds} seeds"
+      runs = _count(config.seeds, "seed")
       split = (
         "random per-class split redrawn per seed"
         if dataset.startswith("amazon")
         else "public split"
       )
     else:
-      runs = f"{config.folds} folds x {config.seeds} seed"
+      runs = f"{_count(config.folds, 'fold')} x {_count(config.seeds, 'seed')}"
       split = (
         "seeded stratified CV folds"
         if dataset.startswith("tu-")
         else "the GIN-format CV folds"
       ) + " (validation fold = the previous test fold)"
       if config.folds == 1:
-        runs, split = f"{config.seeds} seeds", "the fixed split"
+        runs, split = _count(config.seeds, "seed"), "the fixed split"
     model_text = (
       f"{model.upper()} {config.model.num_layers} x {config.model.hidden}"
     )
     lines.append(
       f"- {dataset}: {model_text}, {runs} x {config.train.epochs} epochs, "
-      f"{split}, Adam lr {config.train.learning_rate}, weight decay "
-      f"{config.train.weight_decay}, test metric at the epoch of "
-      f"{_selection_rule(config.train.selection)}"
+      f"{split}, Adam lr {config.train.learning_rate}"
+      f"{_decay_text(config.train)}, weight decay "
+      f"{config.train.weight_decay}, "
+      + (
+        f"{config.train.regression_loss} loss on standardised targets, "
+        f"{config.model.readout} readout, "
+        if is_regression(dataset)
+        else ""
+      )
+      + f"test metric at the epoch of {_selection_rule(config.train.selection)}"
     )
   return lines
 
@@ -428,9 +441,8 @@ def earlier_rows(results: pathlib.Path, name: str) -> dict[tuple, dict]:
 def table_order(cell) -> tuple:
   """Where a cell goes in the table: `plan`'s order, over every dataset."""
   dataset, model, framework, prompt = cell
-  known = DATASETS + REGRESSION_DATASETS
   return (
-    known.index(dataset) if dataset in known else len(known),
+    DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS),
     ("gcn", "gat", "gin").index(model),
     (framework != "fp32", FRAMEWORKS.index(framework)),
     PROMPTS.index(prompt),
@@ -498,7 +510,8 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "then QAT from scratch, each as long as the other frameworks' run. "
     "LoRAP k = 10, r = 4 after every aggregation; GPF one input "
     "prompt; GPF-LoRAP GPF-plus (k = 10) on the input plus LoRAP. "
-    "Accuracy in percent, mean ± sample std (ddof 1) over the runs. "
+    "Accuracy in percent (regression sets: test MAE, lower is better), "
+    "mean ± sample std (ddof 1) over the runs. "
     "`protocol` says which protocol each cell's saved run used (`full`, "
     "`quick`, or `custom` for other settings); `not run` cells have no "
     "result yet.",
@@ -522,8 +535,9 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
         f"architecture not stated, `lorap.md` 6): {PAPER_VALUES[dataset]}.",
         "",
       ]
+    metric = "test MAE" if is_regression(dataset) else "test %"
     lines += [
-      "| framework | prompt | test % | runs | protocol | framework figure "
+      f"| framework | prompt | {metric} | runs | protocol | framework figure "
       "| anchor % | anchor source |",
       "|---|---|---|---|---|---|---|---|",
     ]
@@ -636,7 +650,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    datasets = _names(args.datasets, DATASETS + REGRESSION_DATASETS, "datasets")
+    datasets = _names(args.datasets, DATASETS, "datasets")
     models = _names(args.models, ("gcn", "gat", "gin"), "models")
     frameworks = _names(args.frameworks, FRAMEWORKS, "frameworks")
     prompts = _names(args.prompts, PROMPTS, "prompts")
@@ -668,8 +682,6 @@ def main(argv=None) -> int:
   if args.table_only:
     return 0
   for cell in cells:
-    if is_regression(cell[0]) and args.datasets is None:
-      continue
     config = cell_config(*cell, quick=args.quick, overrides=overrides)
     status = run_cell(config, out / cell_name(*cell), reuse=args.reuse)
     print(f"{cell_name(*cell)}: {status}", flush=True)

@@ -49,7 +49,7 @@ def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
   assert "frameworks.md 4.6" in qat["anchor_source"]
   markdown = (results / "tiny.md").read_text()
   assert "## cora, GCN" in markdown
-  assert "1 seeds x 3 epochs" in markdown
+  assert "1 seed x 3 epochs" in markdown
   assert "best validation accuracy" in markdown
   # One run: the mean alone (no sample std), in the CSV and the table.
   assert qat["test_acc_std"] == ""
@@ -105,14 +105,15 @@ def test_mixq_node_cells_take_mixq_settings():
   assert graph.train.weight_decay == base.train.weight_decay
 
 
-def test_regression_hook(tmp_path):
+def test_regression_rows_report_mae(tmp_path):
+  """AqSol is in the default table; its rows and section report test MAE."""
   cell = ("aqsol", "gin", "qat", "none")
-  assert "aqsol" not in reproduce.DATASETS
-  row = reproduce.table_row(tmp_path, cell)
-  assert row["status"].startswith("skipped: regression")
+  assert "aqsol" in reproduce.DATASETS and reproduce.is_regression("aqsol")
+  out, results = tmp_path / "runs", tmp_path / "results"
+  assert reproduce.table_row(out, cell)["status"] == "not run"
   config = reproduce.cell_config(*cell, quick=False)
-  workdir = tmp_path / reproduce.cell_name(*cell)
-  workdir.mkdir()
+  workdir = out / reproduce.cell_name(*cell)
+  workdir.mkdir(parents=True)
   summary = {
     "num_runs": 4,
     "test_mae_mean": 1.2345,
@@ -121,10 +122,22 @@ def test_regression_hook(tmp_path):
     "config": json.loads(config.to_json_best_effort()),
   }
   (workdir / "summary.json").write_text(json.dumps(summary))
-  row = reproduce.table_row(tmp_path, cell)
+  row = reproduce.table_row(out, cell)
   assert (row["status"], row["protocol"]) == ("done", "full")
   assert (row["test_mae_mean"], row["test_acc_mean"]) == (1.2345, "")
   assert reproduce._result_text(row) == "MAE 1.234 ± 0.050"
+
+  args = ["--datasets=aqsol", "--frameworks=qat", "--prompts=none"]
+  common = [f"--out={out}", f"--results={results}", "--table-only"]
+  assert reproduce.main([*args, *common]) == 0
+  markdown = (results / "full.md").read_text()
+  assert "| framework | prompt | test MAE | runs |" in markdown
+  assert "| qat | none | MAE 1.234 ± 0.050 | 4 runs (seeds) |" in markdown
+  assert (
+    "- aqsol: GIN 4 x 110, 4 seeds x 100 epochs, the fixed split, Adam lr "
+    "0.001 x 0.5 every 25 epochs, weight decay 0.0, l1 loss on standardised "
+    "targets, mean readout, test metric at the epoch of lowest validation MAE"
+  ) in markdown
 
 
 def test_plan_and_bad_names(capsys):

@@ -1839,7 +1839,8 @@ def _summary(config, dataset, records, node_task) -> dict:
     )
     if group == "prompt"
   )
-  runs = "seeds" if node_task else "folds x seeds"
+  # MNIST superpixels and AqSol have one fixed split: their runs are seeds.
+  runs = "seeds" if node_task or config.folds == 1 else "folds x seeds"
   return {
     "dataset": config.dataset,
     "model": config.model.architecture,
