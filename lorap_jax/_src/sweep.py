@@ -386,15 +386,6 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_grid_for_config(config, values: Mapping[str, tuple]) -> None:
   swept = {name for name, v in values.items() if len(v) > 1}
-  if config.train.lr_decay_every and swept & {
-    "learning_rate",
-    "prompt_learning_rate",
-  }:
-    raise ValueError(
-      "sweeping learning rates with a step decay (train.lr_decay_every="
-      f"{config.train.lr_decay_every}) is not supported: the decay schedule "
-      "is static; set train.lr_decay_every=0 or give one learning rate"
-    )
   if config.quant.framework == "fp32" and "bits" in swept:
     raise ValueError("sweep axis 'bits' has no effect with framework fp32")
   if config.train.trainable == "prompts" and swept & {

@@ -279,9 +279,21 @@ def parameter_groups(params) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def _adam_with_l2(learning_rate, weight_decay):
+def _adam_with_l2(
+  learning_rate, weight_decay, decay_every_steps=0, decay_factor=1.0
+):
   # PyTorch's Adam(weight_decay=...) adds the L2 term to the gradient before
   # the moment estimates (coupled, unlike AdamW); the anchors all use it.
+  if decay_every_steps:
+    # The step decay is built here, from the injected rate, rather than
+    # being the injected value: the rate then stays a number in the state,
+    # which can change or be vmapped without a new optimizer.
+    learning_rate = optax.exponential_decay(
+      learning_rate,
+      transition_steps=decay_every_steps,
+      decay_rate=decay_factor,
+      staircase=True,
+    )
   return optax.chain(
     optax.add_decayed_weights(weight_decay),
     optax.scale_by_adam(),
@@ -294,25 +306,20 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
   """Adam (L2-coupled) with a separate learning rate for prompt parameters.
 
-  Learning rates are injected hyper-parameters (vmappable in sweeps); a step
-  decay (`lr_decay_every` epochs) applies to both groups.
+  Learning rates and weight decays are injected hyper-parameters (they can
+  change, or be vmapped in sweeps, without a new optimizer); a step decay
+  (`lr_decay_every` epochs of `steps_per_epoch` steps) applies to every
+  group.
   """
   train = config.train
-
-  def schedule(base_lr):
-    if not train.lr_decay_every:
-      return base_lr
-    return optax.exponential_decay(
-      base_lr,
-      transition_steps=train.lr_decay_every * steps_per_epoch,
-      decay_rate=train.lr_decay_factor,
-      staircase=True,
-    )
-
+  adam = optax.inject_hyperparams(
+    _adam_with_l2, static_args=("decay_every_steps", "decay_factor")
+  )
   transforms = {
-    group: optax.inject_hyperparams(_adam_with_l2)(
-      learning_rate=schedule(values["learning_rate"]),
-      weight_decay=values["weight_decay"],
+    group: adam(
+      **values,
+      decay_every_steps=train.lr_decay_every * steps_per_epoch,
+      decay_factor=train.lr_decay_factor,
     )
     for group, values in injected_hyperparameters(config).items()
   }
@@ -411,17 +418,17 @@ def _cached_optimizer(config_json: str, steps_per_epoch: int):
 
 def _optimizer(config, *, steps_per_epoch: int):
   # The optimizer is a static field of TrainState: one object per optimizer
-  # structure keeps jit's cache warm across seeds, folds and calls. Without
-  # a step decay, learning rates and weight decays are not part of that
-  # structure (they live in the state: `initial_train_state` writes them),
-  # so a run at a new learning rate does not recompile its steps; nor do
-  # epochs of another length, which only a decay schedule counts.
+  # structure keeps jit's cache warm across seeds, folds and calls. Learning
+  # rates and weight decays are not part of that structure (they live in
+  # the state: `initial_train_state` writes them), so a run at a new
+  # learning rate does not recompile its steps; nor, without a step decay,
+  # do epochs of another length, which only the decay counts.
   if not config.train.lr_decay_every:
     steps_per_epoch = 1
-    config = config.copy_and_resolve_references()
-    for _, _, path in _hyperparameter_paths(config):
-      section, leaf = path.split(".")
-      config[section][leaf] = 0.0
+  config = config.copy_and_resolve_references()
+  for _, _, path in _hyperparameter_paths(config):
+    section, leaf = path.split(".")
+    config[section][leaf] = 0.0
   return _cached_optimizer(config.to_json(), steps_per_epoch)
 
 
