@@ -1,13 +1,16 @@
 """End-to-end training: the library function and the command line."""
 
+import importlib.metadata
 import json
 import re
+import subprocess
 
 import chex
 import jax
 import numpy as np
 import optax
 import pytest
+from conftest import REPO_ROOT
 
 import lorap_jax
 from lorap_jax._src import cli, train
@@ -35,6 +38,7 @@ def test_cora_fp32_gcn_learns(data_dir, tmp_path):
     assert written[key] == pytest.approx(summary[key])
   assert written["epoch_time_ms_median"] > 0
   assert written["config"]["dataset"] == "cora"
+  assert written["code_version"] == train.code_version()
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 30
   assert {"epoch", "val_acc", "test_acc", "epoch_ms"} <= json.loads(
@@ -243,6 +247,34 @@ def test_cli_summary_of_a_two_epoch_run(data_dir, tmp_path, capsys):
   assert "epoch time     n/a (no epoch after the first two)" in (
     capsys.readouterr().out
   )
+
+
+def test_code_version_names_the_commit_or_the_package(monkeypatch):
+  train.code_version.cache_clear()
+  version = train.code_version()
+  head = subprocess.run(
+    ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if head.returncode == 0:  # A git checkout, as in CI.
+    assert version.removesuffix("+changes") == head.stdout.strip()
+  else:
+    assert version.startswith("lorap-jax ")
+
+  def no_git(*args, **kwargs):
+    raise FileNotFoundError("git")
+
+  monkeypatch.setattr(subprocess, "run", no_git)
+  train.code_version.cache_clear()
+  try:
+    assert train.code_version() == "lorap-jax " + importlib.metadata.version(
+      "lorap-jax"
+    )
+  finally:
+    monkeypatch.undo()
+    train.code_version.cache_clear()
 
 
 def test_mean_and_std_is_the_sample_std():

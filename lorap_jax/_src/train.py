@@ -1,9 +1,11 @@
 """Training: state, optimizer, jitted steps and `train_and_evaluate`."""
 
 import functools
+import importlib.metadata
 import json
 import os
 import pathlib
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -1833,6 +1835,33 @@ def _headline(records, regression: bool) -> dict:
   return fields
 
 
+@functools.cache
+def code_version() -> str:
+  """The library's git commit, with "+changes" when its files differ from
+  it, or the installed package's version outside a git checkout: which
+  code produced a saved result."""
+  package = pathlib.Path(__file__).resolve().parents[1]
+
+  def git(*args):
+    return subprocess.run(
+      ["git", "-C", str(package), *args],
+      capture_output=True,
+      text=True,
+      timeout=10,
+      check=False,
+    )
+
+  try:
+    head = git("rev-parse", "--short=12", "HEAD")
+    tracked = git("ls-files", "--", ".")  # Empty for an installed copy.
+    changed = git("status", "--porcelain", "--", ".")
+  except (OSError, subprocess.SubprocessError):
+    head = None
+  if head is None or head.returncode or not tracked.stdout.strip():
+    return "lorap-jax " + importlib.metadata.version("lorap-jax")
+  return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
+
+
 def _summary(config, dataset, records, node_task) -> dict:
   regression = getattr(dataset, "task", "classification") == "regression"
   # Epochs 0 and 1 include compilation; the rest are steady-state.
@@ -1881,5 +1910,6 @@ def _summary(config, dataset, records, node_task) -> dict:
     ),
     "device": jax.devices()[0].device_kind,
     "jax_version": jax.__version__,
+    "code_version": code_version(),
     "config": config.to_dict(),
   }
