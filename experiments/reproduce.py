@@ -77,6 +77,7 @@ CSV_COLUMNS = (
   "anchor_mean",
   "anchor_std",
   "anchor_source",
+  "code_version",
 )
 
 
@@ -335,6 +336,7 @@ def table_row(out: pathlib.Path, cell) -> dict:
       epochs_per_run=_epochs_per_run(config, node_task),
       selection=config["train"]["selection"],
       framework_figure=cell_figure(summary),
+      code_version=summary.get("code_version", ""),
       epoch_ms_median=(
         ""
         if summary.get("epoch_time_ms_median") is None
@@ -514,7 +516,8 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "mean ± sample std (ddof 1) over the runs. "
     "`protocol` says which protocol each cell's saved run used (`full`, "
     "`quick`, or `custom` for other settings); `not run` cells have no "
-    "result yet.",
+    "result yet. The CSV's `code_version` names the library commit each "
+    "cell's run used (empty for runs saved before it was recorded).",
     "",
     "Anchors: published numbers under the anchor's own protocol "
     "(`experiments/anchors.py`, with the section of the reference notes "

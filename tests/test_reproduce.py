@@ -38,6 +38,7 @@ def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
   assert train.train_step._cache_size() == 0
   rows = _read_csv(results / "tiny.csv")
   assert list(rows[0]) == list(reproduce.CSV_COLUMNS)
+  assert rows[0]["code_version"] == train.code_version()
   [qat] = rows
   assert (qat["framework"], qat["prompt"], qat["bits"]) == ("qat", "none", "4")
   assert qat["status"] == "done"
