@@ -186,6 +186,7 @@ def main(argv=None) -> int:
   parser.add_argument("--results", default="experiments/results")
   parser.add_argument("--no-reuse", action="store_true")
   args = parser.parse_args(argv)
+  lorap_jax.use_compilation_cache()
   if not lorap_jax.is_node_dataset(args.dataset):
     print(
       f"modes_table.py: --dataset {args.dataset} is a graph task; "

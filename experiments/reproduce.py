@@ -652,6 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  lorap_jax.use_compilation_cache()  # Resumed cells skip compiling.
   try:
     datasets = _names(args.datasets, DATASETS, "datasets")
     models = _names(args.models, ("gcn", "gat", "gin"), "models")

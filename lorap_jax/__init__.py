@@ -1,6 +1,7 @@
 """lorap_jax: LoRAP and quantization-aware GNN training in JAX/Flax."""
 
 from lorap_jax import kernels
+from lorap_jax._src.compilation_cache import use_compilation_cache
 from lorap_jax._src.config import (
   FRAMEWORKS,
   MIXQ_NODE_SETTINGS,
@@ -243,6 +244,7 @@ __all__ = [
   "unpack_int4",
   "update_ema",
   "update_running",
+  "use_compilation_cache",
   "use_mixq_node_settings",
   "validate_graph_dataset",
   "validate_node_dataset",

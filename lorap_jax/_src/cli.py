@@ -6,15 +6,16 @@ import ast
 import pathlib
 import sys
 
-from lorap_jax._src import config as config_lib
-from lorap_jax._src import data as data_lib
 from lorap_jax._src import (
+  compilation_cache,
   distributed,
   models,
   post_training,
   prompts,
   sweep_cli,
 )
+from lorap_jax._src import config as config_lib
+from lorap_jax._src import data as data_lib
 from lorap_jax._src import quantization as q
 from lorap_jax._src import train as train_lib
 from lorap_jax._src.data import DATASET_NAMES
@@ -365,6 +366,8 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  # Off with LORAP_COMPILATION_CACHE=off.
+  compilation_cache.use_compilation_cache()
   try:
     join_multi_host(args)
   except ValueError as error:
