@@ -299,6 +299,15 @@ def _decay_text(train) -> str:
   return f" x {train.lr_decay_factor} every {train.lr_decay_every} epochs"
 
 
+def _regression_text(config) -> str:
+  standardised = config.train.standardize_targets
+  return (
+    f"{config.train.regression_loss} loss on "
+    f"{'standardised' if standardised else 'raw'} targets, "
+    f"{config.model.readout} readout, "
+  )
+
+
 def _percent(value):
   return None if value is None else round(100 * value, 2)
 
@@ -409,12 +418,7 @@ def _protocol_lines(cells, quick: bool, overrides) -> list[str]:
       f"{split}, Adam lr {config.train.learning_rate}"
       f"{_decay_text(config.train)}, weight decay "
       f"{config.train.weight_decay}, "
-      + (
-        f"{config.train.regression_loss} loss on standardised targets, "
-        f"{config.model.readout} readout, "
-        if is_regression(dataset)
-        else ""
-      )
+      + (_regression_text(config) if is_regression(dataset) else "")
       + f"test metric at the epoch of {_selection_rule(config.train.selection)}"
     )
   return lines
