@@ -69,7 +69,9 @@ def test_proteins_gin_one_fold(data_dir, tmp_path):
   assert 0.5 < summary["test_acc_mean"] <= 1.0
 
 
-def test_a_later_fold_alone_matches_it_in_the_full_run(data_dir, tmp_path):
+def test_a_later_fold_alone_matches_it_in_the_full_run(
+  data_dir, tmp_path, monkeypatch
+):
   # first_fold splits a protocol over sessions: each fold's run depends on
   # its seed and split only, so alone it gives what the full loop gives.
   config = _small_config("mutag", epochs=3, folds=2)
@@ -77,7 +79,12 @@ def test_a_later_fold_alone_matches_it_in_the_full_run(data_dir, tmp_path):
   # A small model in one batch per epoch (still shuffled): few compiles.
   config.model.num_layers, config.model.hidden = 2, 16
   config.train.batch_size = 256
+  # The full run as if its memory mappings ran low: the compiled programs
+  # are dropped after each fold, and fold 1 compiles them again.
+  monkeypatch.setattr(train, "memory_mapping_share", lambda: 0.9)
   both = lorap_jax.train_and_evaluate(config, tmp_path / "both")
+  assert train.train_step._cache_size() == 0
+  monkeypatch.undo()
   config.first_fold, config.folds = 1, 1
   alone = lorap_jax.train_and_evaluate(config, tmp_path / "alone")
   assert alone["test_accs"] == both["test_accs"][1:]
@@ -247,6 +254,13 @@ def test_cli_summary_of_a_two_epoch_run(data_dir, tmp_path, capsys):
   assert "epoch time     n/a (no epoch after the first two)" in (
     capsys.readouterr().out
   )
+
+
+def test_memory_mapping_share_reads_the_kernels_counts():
+  share = train.memory_mapping_share()
+  # Linux (CI): this process uses some, far from all, of its mappings.
+  assert share is None or 0 < share < train.MAPPING_SHARE_BEFORE_RELEASE
+  assert not train.release_compiled_code_if_needed()
 
 
 def test_code_version_names_the_commit_or_the_package(monkeypatch):

@@ -1687,12 +1687,44 @@ def train_and_evaluate(
               checkpointer=run_checkpointer(f"fold_{fold_index}_seed_{seed}"),
             )
             records.append(record)
+            release_compiled_code_if_needed()
   finally:
     log.close()
   summary = _summary(config, dataset, records, node_task)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   summary["states"] = [r.state for r in records]
   return summary
+
+
+# Compiled programs stay mapped in memory while jit's caches hold them. A
+# graph run can compile new ones in every fold (MixQ's fixed stage for each
+# fold's widths, new padded batch sizes): a 10-fold PROTEINS MixQ + LoRAP
+# run reached the kernel's limit of 65,530 memory mappings in fold 8, where
+# LLVM failed to allocate and the process died. Past this share of the
+# limit, the caches are dropped and the next fold compiles afresh.
+MAPPING_SHARE_BEFORE_RELEASE = 0.5
+
+
+def memory_mapping_share() -> float | None:
+  """The share of the kernel's memory-mapping limit (`vm.max_map_count`)
+  this process uses, or None where unknown (not Linux)."""
+  try:
+    limit = int(pathlib.Path("/proc/sys/vm/max_map_count").read_text())
+    with open("/proc/self/maps", "rb") as maps:
+      used = sum(1 for _ in maps)
+  except (OSError, ValueError):
+    return None
+  return used / limit
+
+
+def release_compiled_code_if_needed() -> bool:
+  """Drops jit's compiled programs once the process uses more than
+  `MAPPING_SHARE_BEFORE_RELEASE` of its memory mappings; whether it did."""
+  share = memory_mapping_share()
+  if share is None or share < MAPPING_SHARE_BEFORE_RELEASE:
+    return False
+  jax.clear_caches()
+  return True
 
 
 def _selected_folds(config, dataset) -> list[tuple[int, data_lib.Fold]]:
