@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import cli
+from lorap_jax._src import checkpoints, cli
 
 # Fields that must match bitwise between an interrupted and a clean run.
 RESULT_KEYS = ("test_accs", "val_accs", "best_epochs", "test_acc_mean")
@@ -225,3 +226,22 @@ def test_refusals_name_the_problem(data_dir, tmp_path, clean_mutag, capsys):
   )
   assert code == 2
   assert "is not writable" in capsys.readouterr().err
+
+
+def test_a_selected_state_of_another_layout_is_refused_by_name(tmp_path):
+  # As a run saved before the step decay moved into the optimizer's state.
+  saved = {
+    "params": np.ones(3, np.float32),
+    "opt": {"schedule": np.array(4, np.int32)},
+  }
+  writer = checkpoints.RunCheckpointer(tmp_path, every=1, keep=1)
+  writer.save_best(7, saved)
+  writer.close()
+  template = {
+    "params": np.ones(3, np.float32),
+    "opt": {"count": np.array(0, np.int32)},
+  }
+  reader = checkpoints.RunCheckpointer(tmp_path, every=1, keep=1)
+  with pytest.raises(ValueError, match=r"best/7 holds a state of another"):
+    reader.restore_best(template)
+  reader.close()

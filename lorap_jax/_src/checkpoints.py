@@ -99,9 +99,21 @@ class RunCheckpointer:
     epoch = self._best.latest_step()
     if epoch is None:
       return None
-    restored = self._best.restore(
-      epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-    )
+    try:
+      restored = self._best.restore(
+        epoch,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
+      )
+    except ValueError as error:
+      if "structures do not match" not in str(error):
+        raise
+      raise ValueError(
+        f"the checkpoint {self.directory / 'best' / str(epoch)} holds a "
+        "state of another layout than this run's model and optimizer: "
+        "another config, or lorap_jax before 2026-12-04, when a step "
+        "decay moved into the optimizer's state. Resume it with the code "
+        "and config that wrote it, or train into a new workdir."
+      ) from error
     return restored.state
 
   def latest_epoch(self) -> int | None:
