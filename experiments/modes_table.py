@@ -27,7 +27,6 @@ import csv
 import datetime
 import json
 import pathlib
-import statistics
 import sys
 
 import lorap_jax
@@ -164,12 +163,12 @@ def markdown(rows, differences, config, quick) -> str:
       f"{r['test_acc_mean']:.1f} ± {r['test_acc_std']:.1f} | "
       f"{r['val_acc_mean']:.1f} ± {r['val_acc_std']:.1f} |"
     )
-  spread = statistics.stdev(differences) if len(differences) > 1 else 0.0
+  mean, spread = lorap_jax.mean_and_std(differences)
   ups = sum(d > 0 for d in differences)
   lines += [
     "",
-    f"(c) minus (c0), seed by seed: {statistics.mean(differences):+.2f} ± "
-    f"{spread:.2f} test points ({ups} of {len(differences)} seeds up).",
+    f"(c) minus (c0), seed by seed: {mean:+.2f} ± {spread:.2f} test points "
+    f"({ups} of {len(differences)} seeds up).",
   ]
   return "\n".join(lines) + "\n"
 

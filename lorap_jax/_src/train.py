@@ -359,18 +359,18 @@ A2Q_QUANTIZER_GROUPS = (
 )
 
 
-def _hyperparameter_paths(config) -> list[tuple[str, str, str]]:
-  """(group, name, "section.leaf" config path) of each injected value the
+def _hyperparameter_paths(config) -> list[tuple[str, str, str, str]]:
+  """(group, name, config section, config field) of each injected value the
   config sets; A2Q's groups only where it has A2Q settings."""
   paths = [
-    ("backbone", "learning_rate", "train.learning_rate"),
-    ("backbone", "weight_decay", "train.weight_decay"),
-    ("prompt", "learning_rate", "prompt.learning_rate"),
-    ("prompt", "weight_decay", "prompt.weight_decay"),
+    ("backbone", "learning_rate", "train", "learning_rate"),
+    ("backbone", "weight_decay", "train", "weight_decay"),
+    ("prompt", "learning_rate", "prompt", "learning_rate"),
+    ("prompt", "weight_decay", "prompt", "weight_decay"),
   ]
   if config.get("a2q"):
     paths += [
-      (f"a2q_{group}", "learning_rate", f"a2q.lr_{group}")
+      (f"a2q_{group}", "learning_rate", "a2q", f"lr_{group}")
       for group in A2Q_QUANTIZER_GROUPS
     ]
   return paths
@@ -384,9 +384,8 @@ def injected_hyperparameters(config) -> dict[str, dict[str, float]]:
     f"a2q_{group}": {"learning_rate": 0.0, "weight_decay": 0.0}
     for group in A2Q_QUANTIZER_GROUPS
   }
-  for group, name, path in _hyperparameter_paths(config):
-    section, leaf = path.split(".")
-    values.setdefault(group, {})[name] = config[section][leaf]
+  for group, name, section, field in _hyperparameter_paths(config):
+    values.setdefault(group, {})[name] = config[section][field]
   return values
 
 
@@ -428,9 +427,8 @@ def _optimizer(config, *, steps_per_epoch: int):
   if not config.train.lr_decay_every:
     steps_per_epoch = 1
   config = config.copy_and_resolve_references()
-  for _, _, path in _hyperparameter_paths(config):
-    section, leaf = path.split(".")
-    config[section][leaf] = 0.0
+  for _, _, section, field in _hyperparameter_paths(config):
+    config[section][field] = 0.0
   return _cached_optimizer(config.to_json(), steps_per_epoch)
 
 
