@@ -64,7 +64,13 @@ def test_grid_resolves_left_out_axes_from_the_config():
 @pytest.mark.parametrize(
   ("overrides", "axes", "error", "message"),
   [
-    ({"dataset": "proteins"}, {}, NotImplementedError, "graph dataset"),
+    (
+      {"dataset": "aqsol", "train.selection": "val_mae"},
+      {},
+      NotImplementedError,
+      "validation MAE",
+    ),
+    ({"train.sampler": "neighbor"}, {}, NotImplementedError, "sampler"),
     ({"quant.framework": "mixq"}, {}, NotImplementedError, "in stages"),
     ({"quant.framework": "fp32"}, {"bits": [4, 8]}, ValueError, "fp32"),
     ({"prompt.kind": "none"}, {"rank": [2, 4]}, ValueError, "prompt none"),
@@ -144,7 +150,7 @@ def test_cli_bad_axis_values(flag, text, kind, message):
   [
     (["--bits=4,32"], "[32.0] must be integers in 1..16"),
     (["--lr=0.01,x"], "'x' is not a number"),
-    (["--dataset=proteins"], "graph dataset"),
+    (["--dataset=aqsol"], "validation MAE"),
     (["--set=train.momentum=3"], "unknown config field"),
   ],
 )

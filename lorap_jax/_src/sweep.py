@@ -7,7 +7,9 @@ its seed, writes its learning rates and weight decay into the optimizer's
 injected hyper-parameters, and scans over the epochs (train step, then
 evaluation, then the validation selection), all inside one program.
 Structural choices (prompt rank, number of prompts, hidden width, layers)
-change shapes, so they loop in Python with one compile each.
+change shapes, so they loop in Python with one compile each. Graph
+datasets run each point on every fold, their mini-batches gathered inside
+the program (`graph_sweep`).
 
 A swept configuration follows `train_and_evaluate`'s run: the same keys
 (``split(key(seed))``, ``fold_in(dropout_key, epoch)``), the same steps and
@@ -240,6 +242,78 @@ def _point_hyperparameters(point: SweepPoint) -> dict:
   }
 
 
+class Selection(NamedTuple):
+  """A scanned run's validation selection so far (scalars)."""
+
+  best_epoch: jax.Array  # int32
+  score: jax.Array  # what the selection maximises
+  val_correct: jax.Array  # int32
+  val_loss_sum: jax.Array
+  test_correct: jax.Array  # int32
+  alive: jax.Array  # bool: every loss so far finite
+  diverged_epoch: jax.Array  # int32, first non-finite loss; -1: none
+
+
+def initial_selection() -> Selection:
+  """The selection before the first epoch."""
+  zero = jnp.zeros((), jnp.int32)
+  return Selection(
+    best_epoch=zero,
+    score=jnp.full((), -jnp.inf),
+    val_correct=zero,
+    val_loss_sum=jnp.zeros(()),
+    test_correct=zero,
+    alive=jnp.ones((), bool),
+    diverged_epoch=jnp.full((), -1, jnp.int32),
+  )
+
+
+def update_selection(
+  selection: Selection, epoch, loss, val, test, *, by_loss: bool
+) -> Selection:
+  """The selection after `epoch`, from its training loss and the validation
+  and test sums of `train.eval_step` ("loss_sum", "correct").
+
+  The same rule as `train_and_evaluate`'s on host: the first epoch of best
+  validation accuracy (correct counts, the count is fixed) or of lowest
+  validation loss (loss sums), so the float64 division there cannot break
+  a tie differently. Epochs from the first non-finite loss on are left
+  out (`train_and_evaluate` would stop there).
+  """
+  finite = jnp.isfinite(loss)
+  diverged = jnp.where(
+    selection.alive & ~finite, epoch, selection.diverged_epoch
+  )
+  alive = selection.alive & finite
+  score = -val["loss_sum"] if by_loss else val["correct"].astype(float)
+  better = alive & ((epoch == 0) | (score > selection.score))
+  candidate = Selection(
+    epoch,
+    score,
+    val["correct"],
+    val["loss_sum"],
+    test["correct"],
+    alive,
+    diverged,
+  )
+  kept = selection._replace(alive=alive, diverged_epoch=diverged)
+  return jax.tree.map(
+    lambda new, old: jnp.where(better, new, old), candidate, kept
+  )
+
+
+def selection_metrics(selection: Selection, last_loss) -> SweepMetrics:
+  """What a run reports from its final selection."""
+  return SweepMetrics(
+    best_epoch=selection.best_epoch,
+    val_correct=selection.val_correct,
+    val_loss_sum=selection.val_loss_sum,
+    test_correct=selection.test_correct,
+    train_loss=last_loss,
+    diverged_epoch=selection.diverged_epoch,
+  )
+
+
 def make_sweep_run(
   config: ml_collections.ConfigDict, model
 ) -> Callable[..., SweepMetrics]:
@@ -279,52 +353,22 @@ def make_sweep_run(
     )
 
     def epoch_fn(carry, epoch):
-      state, best, alive, diverged = carry
+      state, selection = carry
       rng = jax.random.fold_in(dropout_key, epoch)
       state, train_metrics = train_lib.train_step(state, train_batch, rng)
       sums = train_lib.eval_step(state, eval_batch)
       loss = train_metrics["loss"]
-      finite = jnp.isfinite(loss)
-      diverged = jnp.where(alive & ~finite, epoch, diverged)
-      alive = alive & finite
-      # The same order as `_Selector` on host: accuracy compares correct
-      # counts (the count is fixed) and loss compares loss sums, so the
-      # float64 division there cannot break a tie differently.
-      val = sums["val"]
-      score = -val["loss_sum"] if by_loss else val["correct"].astype(float)
-      candidate = (
-        epoch,
-        score,
-        val["correct"],
-        val["loss_sum"],
-        sums["test"]["correct"],
+      selection = update_selection(
+        selection, epoch, loss, sums["val"], sums["test"], by_loss=by_loss
       )
-      better = alive & ((epoch == 0) | (score > best[1]))
-      best = jax.tree.map(
-        lambda new, old: jnp.where(better, new, old), candidate, best
-      )
-      return (state, best, alive, diverged), loss
+      return (state, selection), loss
 
-    best = (
-      jnp.zeros((), jnp.int32),
-      jnp.full((), -jnp.inf),
-      jnp.zeros((), jnp.int32),
-      jnp.zeros(()),
-      jnp.zeros((), jnp.int32),
+    (state, selection), losses = jax.lax.scan(
+      epoch_fn,
+      (state, initial_selection()),
+      jnp.arange(epochs, dtype=jnp.int32),
     )
-    init = (state, best, jnp.ones((), bool), jnp.full((), -1, jnp.int32))
-    (state, best, _, diverged), losses = jax.lax.scan(
-      epoch_fn, init, jnp.arange(epochs, dtype=jnp.int32)
-    )
-    best_epoch, _, val_correct, val_loss_sum, test_correct = best
-    return SweepMetrics(
-      best_epoch=best_epoch,
-      val_correct=val_correct,
-      val_loss_sum=val_loss_sum,
-      test_correct=test_correct,
-      train_loss=losses[-1],
-      diverged_epoch=diverged,
-    )
+    return selection_metrics(selection, losses[-1])
 
   return run_one
 
@@ -338,17 +382,20 @@ class SweepResult(NamedTuple):
   """What `run_sweep` returns (and writes to its workdir).
 
   Attributes:
-    rows: one dict per configuration, in grid order: every axis's value,
-      then best_epoch, val_acc, val_loss, test_acc, train_loss and
-      diverged_epoch (the `sweep.csv` rows).
+    rows: one dict per run, in grid order (graph datasets: a run per
+      configuration and fold, the folds outermost): every axis's value,
+      the fold (graph datasets), then best_epoch, val_acc, val_loss,
+      test_acc, train_loss and diverged_epoch (the `sweep.csv` rows).
     best: the best configuration's row by validation accuracy (ties: lower
       validation loss, then grid order).
     best_mean: the best hyper-parameters by validation accuracy averaged
-      over seeds: the axis values (without the seed) and the mean and
-      sample std of val_acc and test_acc.
-    compile_seconds: per structure, the seconds its program took to
-      compile (one compile per structural value).
-    run_seconds: per structure, the seconds its chunks took to run.
+      over seeds (and folds, for graph datasets): the axis values (without
+      the seed), the runs' seeds (and folds), and the mean and sample std
+      of val_acc and test_acc.
+    compile_seconds: per compiled program (one per structural value; a
+      graph dataset whose folds differ in steps per epoch compiles one per
+      step count), the seconds it took to compile.
+    run_seconds: per compiled program, the seconds its chunks took.
   """
 
   rows: list[dict[str, Any]]
@@ -362,19 +409,25 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
   """Refuses configs the vmapped sweep does not cover.
 
   Raises:
-    NotImplementedError: graph datasets, and MixQ (staged runs).
+    NotImplementedError: MixQ (staged runs), regression (graph MAE) and
+      neighbour-sampled training.
     ValueError: anything `train_and_evaluate` would refuse.
   """
-  if not data_lib.is_node_dataset(config.dataset):
-    raise NotImplementedError(
-      f"lorap sweep covers node-classification datasets (full batch) for "
-      f"now; {config.dataset!r} is a graph dataset: run its configurations "
-      "with `lorap train`"
-    )
   if config.quant.framework not in SWEEP_FRAMEWORKS:
     raise NotImplementedError(
       f"lorap sweep covers the frameworks {SWEEP_FRAMEWORKS}; "
       f"{config.quant.framework!r} trains in stages, run it with `lorap train`"
+    )
+  if config.train.selection == "val_mae":
+    raise NotImplementedError(
+      f"lorap sweep ranks configurations by accuracy; {config.dataset!r} is "
+      "selected on validation MAE (regression): run its configurations "
+      "with `lorap train`"
+    )
+  if config.train.get("sampler", "full") != "full":
+    raise NotImplementedError(
+      "lorap sweep trains full-batch node tasks and mini-batched graph "
+      f"tasks; train.sampler={config.train.sampler!r} runs with `lorap train`"
     )
   train_lib._validate(config)
   if config.train.selection not in ("val_acc", "val_loss"):
@@ -438,21 +491,40 @@ def _stack(points: Sequence[Mapping[str, Any]], size: int) -> SweepPoint:
   )
 
 
-class _SplitBatches:
-  """The evaluation batch of a chunk, and each seed's split sizes.
+class _NodeTask:
+  """What a node dataset's sweep feeds its program, per chunk and run.
 
-  A fixed split (Planetoid) is one batch for every run. A dataset that
-  draws a split per seed (`dataset.random_split`, e.g. Amazon) gets masks
-  stacked per run, ``[chunk, n_nodes]``, as `train_and_evaluate` gives each
-  seed its own split.
+  The graph and evaluation batch are the same for every run. A fixed split
+  (Planetoid) is one batch for every run; a dataset that draws a split per
+  seed (`dataset.random_split`, e.g. Amazon) gets masks stacked per run,
+  ``[chunk, n_nodes]``, as `train_and_evaluate` gives each seed its own
+  split.
   """
 
-  def __init__(self, dataset, eval_batch: train_lib.EvalBatch, mesh):
+  kind = "node"
+
+  def __init__(self, config, dataset, mesh):
     self.dataset = dataset
-    self.eval_batch = eval_batch
     self.mesh = mesh
+    graph, eval_batch = train_lib.node_inputs(dataset, config)
+    self.graph, self.eval_batch = distributed.put_replicated(
+      (graph, eval_batch), mesh
+    )
     self.per_seed = bool(getattr(dataset, "random_split", False))
+    # Masks with a leading axis: each run has its seed's split.
+    batch_axes = train_lib.EvalBatch(None, None, 0) if self.per_seed else None
+    self.in_axes = (0, None, batch_axes)
     self._masks: dict[int, dict[str, np.ndarray]] = {}
+
+  def points(self, values, numeric) -> list[dict[str, Any]]:
+    return _points(values, numeric)
+
+  def groups(self, points) -> list[list[dict[str, Any]]]:
+    """Points that share a compiled program: all of them."""
+    return [points]
+
+  def make_run(self, config, model):
+    return make_sweep_run(config, model)
 
   def masks(self, seed: int) -> Mapping[str, np.ndarray]:
     if not self.per_seed:
@@ -465,21 +537,24 @@ class _SplitBatches:
       }
     return self._masks[seed]
 
-  def counts(self, seed: int) -> dict[str, int]:
-    masks = self.masks(seed)
+  def counts(self, point) -> dict[str, int]:
+    masks = self.masks(point["seed"])
     return {name: max(int(np.sum(masks[name])), 1) for name in ("val", "test")}
 
-  def __call__(self, points, size: int) -> train_lib.EvalBatch:
-    if not self.per_seed:
-      return self.eval_batch
-    seeds = [p["seed"] for p in _padded(points, size)]
-    masks = {
-      name: np.stack([self.masks(seed)[name] for seed in seeds])
-      for name in ("train", "val", "test")
-    }
-    if size > 1:
-      masks = distributed.put(masks, distributed.split_leading(self.mesh))
-    return self.eval_batch._replace(masks=masks)
+  def row_fields(self, point) -> dict[str, Any]:
+    return {}
+
+  def args(self, chunk, size: int) -> tuple:
+    """(points, graph, evaluation batch) of a chunk, stacked to `size`."""
+    batch = self.eval_batch
+    if self.per_seed:
+      seeds = [p["seed"] for p in _padded(chunk, size)]
+      masks = {
+        name: np.stack([self.masks(seed)[name] for seed in seeds])
+        for name in ("train", "val", "test")
+      }
+      batch = batch._replace(masks=masks)
+    return (_stack(chunk, size), self.graph, batch)
 
 
 def _overridden(config, assignment: Mapping[str, Any]):
@@ -507,9 +582,14 @@ def run_sweep(
   once per chunk of `chunk_size` points (the last chunk padded, so one
   compile serves them all). With ``chunk_size=1`` the program is
   `jax.jit(run_one)` itself, still compiled once and called per point
-  (exactly `train_and_evaluate`'s numbers on CPU). Each configuration is
-  the run `train_and_evaluate` would do for its config and seed; the sweep
-  writes no checkpoints or per-epoch logs.
+  (exactly `train_and_evaluate`'s numbers on CPU for node datasets). Each
+  configuration is the run `train_and_evaluate` would do for its config
+  and seed; the sweep writes no checkpoints or per-epoch logs.
+
+  Graph datasets (classification) run every point on each of the config's
+  folds (`config.folds` from `config.first_fold`), a row per fold; the
+  mini-batches are gathered inside the program (`graph_sweep`), and the
+  best configuration is chosen on the mean over seeds and folds.
 
   On a CPU, batching does not pay for these models: the gathers and
   scatter-adds of message passing dominate, and XLA runs them no faster
@@ -522,8 +602,8 @@ def run_sweep(
   gives alone on one device.
 
   Args:
-    config: the base config (node dataset; framework fp32, qat, dq or a2q).
-      Fields a grid axis leaves out keep the config's value.
+    config: the base config (framework fp32, qat, dq or a2q). Fields a grid
+      axis leaves out keep the config's value.
     grid: a `SweepGrid`, or ``{axis: values}`` (see `AXES`).
     workdir: where to write `sweep.csv`, `best.json` and `config.json`
       (created); None writes nothing.
@@ -540,7 +620,7 @@ def run_sweep(
   Raises:
     ValueError: on a bad grid (unknown or empty axis, non-numeric values,
       bits outside 1..16) or config, or a chunk size below 1.
-    NotImplementedError: graph datasets and MixQ.
+    NotImplementedError: MixQ, graph regression and neighbour sampling.
   """
   if not isinstance(grid, SweepGrid):
     grid = SweepGrid.from_axes(grid)
@@ -557,7 +637,6 @@ def run_sweep(
   structural = _structural_names(config)
   numeric = tuple(name for name in NUMERIC_AXES if name not in structural)
   structures = _points(values, structural)
-  points = _points(values, numeric)
   # Every structure must build before anything trains.
   configs = [_overridden(config, s) for s in structures]
   for structure_config in configs:
@@ -569,9 +648,14 @@ def run_sweep(
     config.data_dir or None,
     **train_lib._dataset_options(config),
   )
-  graph, eval_batch = train_lib.node_inputs(dataset, config)
-  graph, eval_batch = distributed.put_replicated((graph, eval_batch), mesh)
-  split_batches = _SplitBatches(dataset, eval_batch, mesh)
+  if isinstance(dataset, data_lib.NodeDataset):
+    task = _NodeTask(config, dataset, mesh)
+  else:
+    # Imported here: it builds on this module.
+    from lorap_jax._src import graph_sweep
+
+    task = graph_sweep.GraphTask(config, dataset, mesh, values)
+  points = task.points(values, numeric)
   if chunk_size is None:
     chunk_size = 1 if jax.default_backend() == "cpu" else len(points)
   size = distributed.round_up_to(min(chunk_size, len(points)), mesh.size)
@@ -580,34 +664,34 @@ def run_sweep(
   with tqdm.tqdm(total=total, disable=not progress, unit="run") as bar:
     for structure, structure_config in zip(structures, configs, strict=True):
       model = train_lib.create_model(
-        structure_config, num_classes=dataset.num_classes, task="node"
+        structure_config, num_classes=dataset.num_classes, task=task.kind
       )
       data_lib.validate_prompt_sizes(
         model.prompt,
         input_width=dataset.num_features,
         aggregate_widths=model.aggregate_widths(dataset.num_features),
       )
-      full = [{**point, **structure} for point in points]
-      chunks = [full[i : i + size] for i in range(0, len(full), size)]
-      run_chunk, seconds = _compile(
-        structure_config,
-        model,
-        *_inputs(chunks[0], size, split_batches),
-        graph,
-        mesh,
-      )
-      compile_seconds.append(seconds)
-      start = time.perf_counter()
-      pending = collections.deque()
-      for chunk in chunks:
-        points_in, batch_in = _inputs(chunk, size, split_batches)
-        # Dispatch is asynchronous: the next calls queue while this runs.
-        pending.append((chunk, run_chunk(points_in, graph, batch_in)))
-        if len(pending) > _IN_FLIGHT:
-          rows += _collect(*pending.popleft(), split_batches, bar)
-      while pending:
-        rows += _collect(*pending.popleft(), split_batches, bar)
-      run_seconds.append(time.perf_counter() - start)
+      for group in task.groups(points):
+        full = [{**point, **structure} for point in group]
+        chunks = [full[i : i + size] for i in range(0, len(full), size)]
+        run_chunk, seconds = _compile(
+          task.make_run(structure_config, model),
+          _placed(task.args(chunks[0], size), task.in_axes, mesh),
+          task.in_axes,
+          mesh,
+        )
+        compile_seconds.append(seconds)
+        start = time.perf_counter()
+        pending = collections.deque()
+        for chunk in chunks:
+          args = _placed(task.args(chunk, size), task.in_axes, mesh)
+          # Dispatch is asynchronous: the next calls queue while this runs.
+          pending.append((chunk, run_chunk(*args)))
+          if len(pending) > _IN_FLIGHT:
+            rows += _collect(*pending.popleft(), task, bar)
+        while pending:
+          rows += _collect(*pending.popleft(), task, bar)
+        run_seconds.append(time.perf_counter() - start)
   best, best_mean = select_best(rows)
   result = SweepResult(rows, best, best_mean, compile_seconds, run_seconds)
   # Multi-host: every process holds the rows; process 0 writes them.
@@ -616,7 +700,7 @@ def run_sweep(
   return result
 
 
-def _collect(chunk, outputs, split_batches, bar) -> list[dict[str, Any]]:
+def _collect(chunk, outputs, task, bar) -> list[dict[str, Any]]:
   """The CSV rows of a finished call (waits for its results)."""
   metrics = jax.device_get(outputs)
   if np.ndim(metrics.best_epoch) == 0:  # One unvmapped run.
@@ -624,79 +708,86 @@ def _collect(chunk, outputs, split_batches, bar) -> list[dict[str, Any]]:
   rows = []
   for i, point in enumerate(chunk):
     row = {name: point[name] for name in AXES}
-    row.update(_row_metrics(metrics, i, split_batches.counts(point["seed"])))
+    row.update(task.row_fields(point))
+    row.update(_row_metrics(metrics, i, task.counts(point)))
     rows.append(row)
   bar.update(len(rows))
   return rows
 
 
-def _inputs(chunk, size: int, split_batches):
-  """A chunk's points and evaluation batch, on the sweep's devices.
+def _per_run(in_axes, args, fn):
+  """`fn` applied to the per-run (axis 0) parts of `args`; `in_axes` is a
+  prefix of each argument, None where the argument is shared."""
+  return jax.tree.map(
+    lambda axis, arg: arg if axis is None else fn(arg),
+    in_axes,
+    args,
+    is_leaf=lambda x: x is None,
+  )
 
-  Stacked along the configurations (split over the devices), unstacked
-  for a chunk of one on one device.
+
+def _placed(args: tuple, in_axes: tuple, mesh) -> tuple:
+  """A chunk's arguments on the sweep's devices.
+
+  Per-run parts are split over the devices along the configurations; a
+  chunk of one on one device is unstacked (the run's own program).
   """
-  points, batch = _stack(chunk, size), split_batches(chunk, size)
-  mesh = split_batches.mesh
-  if size > 1:
-    return distributed.put(points, distributed.split_leading(mesh)), batch
-  return _first_configuration(points, batch, split_batches.per_seed)
+  if len(args[0].seed) == 1:
+    return _first_configuration(args, in_axes)
+  split = distributed.split_leading(mesh)
+  return _per_run(in_axes, args, lambda x: distributed.put(x, split))
 
 
-def _first_configuration(points, batch, per_run_masks: bool):
-  """The first of stacked points, and its masks where each run has its own."""
-  if per_run_masks:
-    batch = batch._replace(masks=train_lib._seed_row(batch.masks, 0))
-  return train_lib._seed_row(points, 0), batch
+def _first_configuration(args: tuple, in_axes: tuple) -> tuple:
+  """The first configuration's arguments: row 0 of every per-run part."""
+  return _per_run(in_axes, args, lambda x: jax.tree.map(lambda y: y[0], x))
 
 
-def _one_per_device(run_one, per_run_masks: bool):
+def _one_per_device(run_one, in_axes):
   """`run_one` for a device's single configuration, unvmapped.
 
   Unbatched, XLA compiles exactly the program a run alone gets, so each
   configuration's numbers do not depend on the device count.
   """
 
-  def run_first(points, graph, batch):
-    point, batch = _first_configuration(points, batch, per_run_masks)
-    metrics = run_one(point, graph, batch)
+  def run_first(*args):
+    metrics = run_one(*_first_configuration(args, in_axes))
     return jax.tree.map(lambda x: x[None], metrics)
 
   return run_first
 
 
-def _compile(config, model, example: SweepPoint, eval_batch, graph, mesh):
+def _compile(run_one, example: tuple, in_axes: tuple, mesh):
   """The structure's program, compiled for `example`'s chunk size.
 
-  A stacked example gets the vmapped program (split over the devices of
-  `mesh` by `jax.shard_map` when there are several), a single point
-  `run_one` itself. Returns the compiled callable and the seconds tracing
-  and compiling took.
+  `example` holds the arguments of a call (stacked points first), `in_axes`
+  which of their parts are per run (0) or shared (None). A stacked example
+  gets the vmapped program (split over the devices of `mesh` by
+  `jax.shard_map` when there are several), a single point `run_one`
+  itself. Returns the compiled callable and the seconds tracing and
+  compiling took.
   """
   # Compiled ahead of time: every chunk has the example's shapes (the last
   # one is padded), and a compiled program refuses other shapes rather than
   # silently tracing and compiling again, so a structure compiles once.
   # (`chex.assert_max_traces` keys on the definition site, which every
   # structure's `run_one` shares, so it cannot count per structure here.)
-  run_one = make_sweep_run(config, model)
-  if np.ndim(example.seed) == 0:
+  if np.ndim(example[0].seed) == 0:
     program = jax.jit(run_one)
   else:
-    # Masks with a leading axis: each run has its seed's split.
-    per_run = eval_batch.masks["train"].ndim == 2
-    batch_axes = train_lib.EvalBatch(None, None, 0) if per_run else None
-    program = jax.vmap(run_one, in_axes=(0, None, batch_axes))
+    program = jax.vmap(run_one, in_axes=in_axes)
     if mesh.size > 1:
-      if len(example.seed) == mesh.size:
-        program = _one_per_device(run_one, per_run)
+      if len(example[0].seed) == mesh.size:
+        program = _one_per_device(run_one, in_axes)
       split, whole = P(distributed.CONFIG_AXIS), P()
-      batch_specs = (
-        train_lib.EvalBatch(whole, whole, split) if per_run else whole
-      )
       program = jax.shard_map(
         program,
         mesh=mesh,
-        in_specs=(split, whole, batch_specs),
+        in_specs=jax.tree.map(
+          lambda axis: whole if axis is None else split,
+          in_axes,
+          is_leaf=lambda x: x is None,
+        ),
         out_specs=split,
         # Every output is split, so there is no replication to check; the
         # check would ask each `lax.cond` inside the layers for casts.
@@ -704,7 +795,7 @@ def _compile(config, model, example: SweepPoint, eval_batch, graph, mesh):
       )
     program = jax.jit(program)
   start = time.perf_counter()
-  compiled = program.lower(example, graph, eval_batch).compile()
+  compiled = program.lower(*example).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -742,14 +833,16 @@ def _order_key(row_index: int, val_acc: float, val_loss: float):
 def select_best(
   rows: Sequence[Mapping[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The best row, and the best hyper-parameters averaged over seeds.
+  """The best row, and the best hyper-parameters averaged over seeds (and
+  folds, where rows have a "fold").
 
   Both rank by validation accuracy, then lower validation loss, then grid
   order (a NaN loss ranks last).
 
   Returns:
     `(best_row, best_mean)`; best_mean holds the axes except the seed, the
-    seeds, and the mean and sample std (ddof=1) of val_acc and test_acc.
+    runs' seeds (and folds), and the mean and sample std (ddof=1) of
+    val_acc and test_acc.
   """
 
   def loss(value):
@@ -784,6 +877,8 @@ def select_best(
     name: rows[groups[best_key][0]][name] for name in AXES if name != "seed"
   }
   best_mean["seeds"] = [rows[i]["seed"] for i in groups[best_key]]
+  if "fold" in rows[0]:  # Graph datasets: the runs are seeds x folds.
+    best_mean["folds"] = [rows[i]["fold"] for i in groups[best_key]]
   best_mean.update(summaries[best_key])
   return dict(rows[best_index]), best_mean
 
@@ -800,10 +895,11 @@ def write_results(result: SweepResult, workdir: str | os.PathLike) -> None:
     "best_mean_over_seeds": result.best_mean,
     "num_configurations": len(result.rows),
     "selection": (
-      "best: the configuration (seed included) of highest validation "
+      "best: the run (seed and fold included) of highest validation "
       "accuracy, ties broken by lower validation loss, then grid order; "
-      "best_mean_over_seeds: the same ranking of the seed-averaged metrics; "
-      "each run's metrics are at its epoch selected by train.selection"
+      "best_mean_over_seeds: the same ranking of the metrics averaged over "
+      "seeds (and folds, for graph datasets); each run's metrics are at its "
+      "epoch selected by train.selection"
     ),
     "compile_seconds": result.compile_seconds,
     "run_seconds": result.run_seconds,

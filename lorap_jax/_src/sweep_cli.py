@@ -28,6 +28,8 @@ _FIXED_FLAGS = {
   "epochs": "train.epochs",
   "selection": "train.selection",
   "dropout": "model.dropout",
+  "folds": "folds",
+  "first_fold": "first_fold",
   "data_dir": "data_dir",
 }
 
@@ -36,7 +38,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
   """Adds the `sweep` subcommand to the `lorap` subparsers; returns it."""
   sweep = commands.add_parser(
     "sweep",
-    help="train a grid of hyper-parameters, vmapped (node tasks)",
+    help="train a grid of hyper-parameters, vmapped",
     description=(
       "Trains every configuration of a grid: numeric axes (seeds, learning "
       "rates, weight decay, bits) are arrays of one compiled program, "
@@ -44,10 +46,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
       "prompts, hidden, layers) compile once per value. Writes sweep.csv "
       "(one row per configuration), best.json and config.json to "
       "--workdir. An axis takes a comma-separated list (0.01,0.005) or, for "
-      "integers, a range START:STOP (0:4 = 0,1,2,3)."
+      "integers, a range START:STOP (0:4 = 0,1,2,3). Graph datasets run "
+      "every configuration on each of --folds folds (a row per fold) and "
+      "rank configurations by their mean over seeds and folds."
     ),
   )
-  sweep.add_argument("--dataset", required=True, help="a node dataset")
+  sweep.add_argument(
+    "--dataset", required=True, help="a node or graph-classification dataset"
+  )
   sweep.add_argument("--workdir", required=True, help="output directory")
   sweep.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
   sweep.add_argument("--model", help="gcn, gin or gat")
@@ -59,6 +65,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
   sweep.add_argument("--epochs", type=int)
   sweep.add_argument("--selection", help="val_acc or val_loss (per run)")
   sweep.add_argument("--dropout", type=float)
+  sweep.add_argument(
+    "--folds", type=int, help="graph datasets: folds per configuration"
+  )
+  sweep.add_argument(
+    "--first-fold", type=int, help="graph datasets: the first fold (0)"
+  )
   sweep.add_argument("--seeds", help="run seeds, e.g. 0:4 or 0,3,7")
   sweep.add_argument("--lr", help="backbone learning rates, e.g. 0.01,0.005")
   sweep.add_argument("--prompt-lr", help="prompt learning rates")
@@ -168,10 +180,10 @@ def format_result(result: sweep_lib.SweepResult) -> str:
   )
   return "\n".join(
     [
-      f"{len(result.rows)} configurations; compile "
+      f"{_size_text(result.rows)}; compile "
       f"{sum(result.compile_seconds):.1f} s, train "
       f"{sum(result.run_seconds):.1f} s",
-      f"  best run       seed {best['seed']}, {settings}: val "
+      f"  best run       {_run_name(best)}, {settings}: val "
       f"{100 * best['val_acc']:.2f} %, test {100 * best['test_acc']:.2f} % "
       f"(epoch {best['best_epoch']})",
       "  best by mean   "
@@ -181,9 +193,30 @@ def format_result(result: sweep_lib.SweepResult) -> str:
       + f": val {100 * mean['val_acc_mean']:.2f} "
       f"± {100 * mean['val_acc_std']:.2f} %, test "
       f"{100 * mean['test_acc_mean']:.2f} ± {100 * mean['test_acc_std']:.2f} "
-      f"% ({len(mean['seeds'])} seeds)",
+      f"% ({_runs_text(mean)})",
     ]
   )
+
+
+def _size_text(rows) -> str:
+  if "fold" not in rows[0]:
+    return f"{len(rows)} configurations"
+  folds = len({row["fold"] for row in rows})
+  return (
+    f"{len(rows)} runs ({len(rows) // folds} configurations x {folds} folds)"
+  )
+
+
+def _run_name(row) -> str:
+  fold = f", fold {row['fold']}" if "fold" in row else ""
+  return f"seed {row['seed']}{fold}"
+
+
+def _runs_text(mean) -> str:
+  if "folds" not in mean:
+    return f"{len(mean['seeds'])} seeds"
+  seeds, folds = len(set(mean["seeds"])), len(set(mean["folds"]))
+  return f"{len(mean['seeds'])} runs: {seeds} seeds x {folds} folds"
 
 
 def main(args: argparse.Namespace) -> int:
