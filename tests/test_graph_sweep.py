@@ -213,7 +213,7 @@ def test_cli_sweeps_a_graph_dataset_over_folds(data_dir, tmp_path, capsys):
   out, err = capsys.readouterr()
   assert code == 0, err
   assert "4 runs (2 configurations x 2 folds)" in out
-  assert "1 seeds x 2 folds" in out
+  assert "2 runs: 1 seed x 2 folds" in out
   with open(tmp_path / "sweep.csv") as file:
     rows = list(csv.DictReader(file))
   assert [(r["fold"], r["learning_rate"]) for r in rows] == [

@@ -198,12 +198,17 @@ def format_result(result: sweep_lib.SweepResult) -> str:
   )
 
 
+def _count(number: int, noun: str) -> str:
+  return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _size_text(rows) -> str:
   if "fold" not in rows[0]:
-    return f"{len(rows)} configurations"
+    return _count(len(rows), "configuration")
   folds = len({row["fold"] for row in rows})
   return (
-    f"{len(rows)} runs ({len(rows) // folds} configurations x {folds} folds)"
+    f"{_count(len(rows), 'run')} ({_count(len(rows) // folds, 'configuration')}"
+    f" x {_count(folds, 'fold')})"
   )
 
 
@@ -214,9 +219,12 @@ def _run_name(row) -> str:
 
 def _runs_text(mean) -> str:
   if "folds" not in mean:
-    return f"{len(mean['seeds'])} seeds"
+    return _count(len(mean["seeds"]), "seed")
   seeds, folds = len(set(mean["seeds"])), len(set(mean["folds"]))
-  return f"{len(mean['seeds'])} runs: {seeds} seeds x {folds} folds"
+  return (
+    f"{_count(len(mean['seeds']), 'run')}: {_count(seeds, 'seed')} x "
+    f"{_count(folds, 'fold')}"
+  )
 
 
 def main(args: argparse.Namespace) -> int:
