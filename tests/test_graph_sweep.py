@@ -22,16 +22,14 @@ def mutag(data_dir):
   return data_lib.load_dataset("mutag", data_dir)
 
 
-def _config(data_dir, *, epochs, folds=1, **overrides):
+def _config(data_dir, *, epochs, folds=1, framework="qat"):
   config = lorap_jax.get_config("mutag")
   config.data_dir = str(data_dir)
   config.train.epochs = epochs
   config.folds = folds
+  config.quant.framework = framework
   config.checkpoint.enabled = False
   config.seeds = 1
-  for path, value in overrides.items():
-    section, leaf = path.split("__")
-    config[section][leaf] = value
   return config
 
 
@@ -116,7 +114,7 @@ _LOOSE = 0.1
 
 
 def test_one_run_per_call_follows_train_and_evaluate(data_dir, tmp_path):
-  config = _config(data_dir, epochs=1, folds=2, quant__framework="fp32")
+  config = _config(data_dir, epochs=1, folds=2, framework="fp32")
   config.first_fold = 4
   config.train.batch_size = 256
   result = sweep_lib.run_sweep(config, {"seed": [3]}, chunk_size=1)
@@ -133,7 +131,7 @@ def test_one_run_per_call_follows_train_and_evaluate(data_dir, tmp_path):
 def test_vmapped_graph_runs_match_their_runs_alone(data_dir):
   # Two seeds x two learning rates on one fold, in chunks of 3 (the second
   # padded).
-  config = _config(data_dir, epochs=1, quant__framework="fp32")
+  config = _config(data_dir, epochs=1, framework="fp32")
   config.train.batch_size = 256
   grid = {"seed": [0, 1], "learning_rate": [0.01, 0.002]}
   alone = sweep_lib.run_sweep(config, grid, chunk_size=1)
@@ -163,7 +161,7 @@ def test_folds_of_unequal_steps_compile_apart(data_dir, mutag, monkeypatch):
   )
   changed = dataclasses.replace(mutag, folds=(first, moved))
   monkeypatch.setattr(data_lib, "load_dataset", lambda *a, **k: changed)
-  config = _config(data_dir, epochs=2, folds=2, quant__framework="qat")
+  config = _config(data_dir, epochs=2, folds=2, framework="qat")
   config.train.batch_size = 76
   result = sweep_lib.run_sweep(config, {"seed": [0, 1]}, chunk_size=2)
   assert len(result.compile_seconds) == 2

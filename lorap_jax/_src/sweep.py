@@ -383,7 +383,8 @@ class SweepResult(NamedTuple):
 
   Attributes:
     rows: one dict per run, in grid order (graph datasets: a run per
-      configuration and fold, the folds outermost): every axis's value,
+      configuration and fold, the folds outermost, grouped by steps per
+      epoch where folds differ in it): every axis's value,
       the fold (graph datasets), then best_epoch, val_acc, val_loss,
       test_acc, train_loss and diverged_epoch (the `sweep.csv` rows).
     best: the best configuration's row by validation accuracy (ties: lower
