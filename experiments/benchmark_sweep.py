@@ -4,7 +4,9 @@ Usage: LORAP_DATA_DIR=... .venv/bin/python experiments/benchmark_sweep.py
 
 The grid is Cora, 2-layer GCN (hidden 64), INT4 QAT + LoRAP: 4 seeds x 4
 backbone learning rates x 2 prompt learning rates = 32 runs of `--epochs`
-epochs, trained
+epochs, trained as below. `--dataset` takes any dataset with its config's
+model; a graph dataset runs every configuration on its first fold
+(mini-batches, `lorap_jax._src.graph_sweep`).
 
 - "train_and_evaluate, one after another": the library path a user would
   otherwise take, one call per (learning rate, prompt learning rate) with
@@ -52,6 +54,8 @@ def base_config(dataset: str, epochs: int):
   config.prompt.kind = "lorap"
   config.train.epochs = epochs
   config.checkpoint.enabled = False
+  if not lorap_jax.is_node_dataset(dataset):
+    config.folds = 1  # Graph datasets: every run on the first fold.
   return config
 
 
@@ -117,8 +121,8 @@ def main():
   runs = len(SEEDS) * len(LEARNING_RATES) * len(PROMPT_LEARNING_RATES)
   print(
     f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-    f"{args.dataset} GCN INT4 QAT + LoRAP, {runs} runs x {args.epochs} "
-    "epochs"
+    f"{args.dataset} {config.model.architecture.upper()} INT4 QAT + LoRAP, "
+    f"{runs} runs x {args.epochs} epochs"
   )
   rows = {}
   if not args.skip_library:

@@ -64,12 +64,7 @@ def test_grid_resolves_left_out_axes_from_the_config():
 @pytest.mark.parametrize(
   ("overrides", "axes", "error", "message"),
   [
-    (
-      {"dataset": "aqsol", "train.selection": "val_mae"},
-      {},
-      NotImplementedError,
-      "validation MAE",
-    ),
+    ({"train.selection": "val_mae"}, {}, ValueError, "'val_mae' is not"),
     ({"train.sampler": "neighbor"}, {}, NotImplementedError, "sampler"),
     ({"quant.framework": "mixq"}, {}, NotImplementedError, "in stages"),
     ({"quant.framework": "fp32"}, {"bits": [4, 8]}, ValueError, "fp32"),
@@ -150,7 +145,7 @@ def test_cli_bad_axis_values(flag, text, kind, message):
   [
     (["--bits=4,32"], "[32.0] must be integers in 1..16"),
     (["--lr=0.01,x"], "'x' is not a number"),
-    (["--dataset=aqsol"], "validation MAE"),
+    (["--selection=val_mae"], "'val_mae' is not one of"),
     (["--set=train.momentum=3"], "unknown config field"),
   ],
 )

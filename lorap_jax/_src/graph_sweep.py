@@ -1,4 +1,4 @@
-"""Sweeps over graph-classification datasets: one program per structure.
+"""Sweeps over graph datasets: one program per structure.
 
 A graph run is `train_and_evaluate`'s: on each cross-validation fold, per
 epoch a shuffled pass over the fold's training graphs in mini-batches,
@@ -39,12 +39,16 @@ class GraphRunInputs(NamedTuple):
     schedule: ``[epochs, steps, batch_size]``, each epoch's batches.
     val_ids: ``[val_batches, batch_size]``.
     test_ids: ``[test_batches, batch_size]``.
+    target_affine: regression with standardised targets: float32 ``[2]``,
+      the fold's training targets' mean and std (`train._target_affine`);
+      else None.
   """
 
   init_ids: np.ndarray
   schedule: np.ndarray
   val_ids: np.ndarray
   test_ids: np.ndarray
+  target_affine: np.ndarray | None = None
 
 
 def epoch_orders(train_ids, epochs: int, seed: int) -> np.ndarray:
@@ -54,7 +58,9 @@ def epoch_orders(train_ids, epochs: int, seed: int) -> np.ndarray:
   return np.stack([rng.permutation(train_ids) for _ in range(epochs)])
 
 
-def make_graph_sweep_run(config, model, budget: batching.PaddingBudget):
+def make_graph_sweep_run(
+  config, model, budget: batching.PaddingBudget, loss: str = "cross_entropy"
+):
   """`run_one(point, inputs, graphs) -> SweepMetrics` for one structure.
 
   `run_one` trains one run from scratch on the graph ids of `inputs` (a
@@ -69,8 +75,16 @@ def make_graph_sweep_run(config, model, budget: batching.PaddingBudget):
     config: the structure's config.
     model: the graph-level model `train.create_model` built for it.
     budget: the padded sizes of every batch (room for the largest one).
+    loss: the training loss (`train.task_loss`); a regression loss reads
+      ``inputs.target_affine``.
   """
-  by_loss = config.train.selection == "val_loss"
+  criterion = config.train.selection
+  # The sums `train.eval_step` returns for this loss, before any batch.
+  zero = {"loss_sum": jnp.zeros(()), "count": jnp.zeros((), jnp.int32)}
+  if loss == "cross_entropy":
+    zero["correct"] = jnp.zeros((), jnp.int32)
+  else:
+    zero["abs_error"] = jnp.zeros(())
 
   def run_one(point, inputs: GraphRunInputs, graphs) -> sweep_lib.SweepMetrics:
     def gather(ids):
@@ -85,11 +99,6 @@ def make_graph_sweep_run(config, model, budget: batching.PaddingBudget):
         )
         return jax.tree.map(jnp.add, totals, sums["split"]), None
 
-      zero = {
-        "loss_sum": jnp.zeros(()),
-        "correct": jnp.zeros((), jnp.int32),
-        "count": jnp.zeros((), jnp.int32),
-      }
       return jax.lax.scan(add, zero, id_rows)[0]
 
     epochs, steps = inputs.schedule.shape[:2]
@@ -101,6 +110,8 @@ def make_graph_sweep_run(config, model, budget: batching.PaddingBudget):
       init_key,
       steps_per_epoch=steps,
       bits=point.bits,
+      loss=loss,
+      target_affine=inputs.target_affine,
       update_statistics=config.train.update_statistics,
     )
     state = state.replace(
@@ -132,7 +143,7 @@ def make_graph_sweep_run(config, model, budget: batching.PaddingBudget):
         loss,
         evaluate(state, inputs.val_ids),
         evaluate(state, inputs.test_ids),
-        by_loss=by_loss,
+        criterion=criterion,
       )
       return (state, selection), loss
 
@@ -158,11 +169,10 @@ class GraphTask:
   in_axes = (0, 0, None)
 
   def __init__(self, config, dataset, mesh, values):
-    if dataset.task != "classification":
-      raise NotImplementedError(
-        f"lorap sweep covers graph classification; {dataset.name!r} is a "
-        f"{dataset.task} dataset: run it with `lorap train`"
-      )
+    self.regression = dataset.task == "regression"
+    # Refuses a selection that does not fit the task (val_acc in regression).
+    self.loss = train_lib.task_loss(config, dataset.task)
+    self.config = config
     self.dataset = dataset
     self.epochs = config.train.epochs
     self.batch_size = config.train.batch_size
@@ -191,8 +201,8 @@ class GraphTask:
     nodes, edges = 0, 0
     for fold in self.folds:
       for seed in seeds:
-        inputs = self.inputs(seed, fold)
-        for ids in inputs:
+        run = self.inputs(seed, fold)
+        for ids in (run.init_ids, run.schedule, run.val_ids, run.test_ids):
           most_nodes, most_edges = device_lib.batch_sizes(self.dataset, ids)
           nodes, edges = max(nodes, most_nodes), max(edges, most_edges)
     # One padding node and graph beyond the batch, as the host budgets.
@@ -222,6 +232,9 @@ class GraphTask:
       schedule=schedule,
       val_ids=self._eval_ids[fold]["val"],
       test_ids=self._eval_ids[fold]["test"],
+      target_affine=train_lib._target_affine(
+        self.config, self.dataset, self.folds[fold]
+      ),
     )
 
   def steps(self, fold: int) -> int:
@@ -244,7 +257,7 @@ class GraphTask:
     return list(by_steps.values())
 
   def make_run(self, config, model):
-    return make_graph_sweep_run(config, model, self.budget)
+    return make_graph_sweep_run(config, model, self.budget, self.loss)
 
   def counts(self, point) -> dict[str, int]:
     fold = self.folds[point["fold"]]

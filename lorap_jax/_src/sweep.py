@@ -217,18 +217,20 @@ class SweepMetrics(NamedTuple):
   """What one swept run reports (scalars, or [n] stacked).
 
   Counts and sums are at the selected epoch (`train.selection`); divided by
-  the split's size on the host they give the accuracy and mean loss that
-  `train_and_evaluate` reports. A run whose training loss stops being
-  finite keeps the selection of the epochs before (`train_and_evaluate`
-  would stop there).
+  the split's size on the host they give the accuracy (classification),
+  mean absolute error (regression) and mean loss that `train_and_evaluate`
+  reports. A run whose training loss stops being finite keeps the
+  selection of the epochs before (`train_and_evaluate` would stop there).
   """
 
   best_epoch: jax.Array  # int32
-  val_correct: jax.Array  # int32
+  val_correct: jax.Array  # int32; 0 in regression
   val_loss_sum: jax.Array
-  test_correct: jax.Array  # int32
+  test_correct: jax.Array  # int32; 0 in regression
   train_loss: jax.Array  # after the last epoch
   diverged_epoch: jax.Array  # int32, first non-finite loss; -1: none
+  val_error_sum: jax.Array  # regression: sum of |error|; 0 otherwise
+  test_error_sum: jax.Array
 
 
 def _point_hyperparameters(point: SweepPoint) -> dict:
@@ -250,6 +252,8 @@ class Selection(NamedTuple):
   val_correct: jax.Array  # int32
   val_loss_sum: jax.Array
   test_correct: jax.Array  # int32
+  val_error_sum: jax.Array
+  test_error_sum: jax.Array
   alive: jax.Array  # bool: every loss so far finite
   diverged_epoch: jax.Array  # int32, first non-finite loss; -1: none
 
@@ -263,38 +267,51 @@ def initial_selection() -> Selection:
     val_correct=zero,
     val_loss_sum=jnp.zeros(()),
     test_correct=zero,
+    val_error_sum=jnp.zeros(()),
+    test_error_sum=jnp.zeros(()),
     alive=jnp.ones((), bool),
     diverged_epoch=jnp.full((), -1, jnp.int32),
   )
 
 
 def update_selection(
-  selection: Selection, epoch, loss, val, test, *, by_loss: bool
+  selection: Selection, epoch, loss, val, test, *, criterion: str
 ) -> Selection:
   """The selection after `epoch`, from its training loss and the validation
-  and test sums of `train.eval_step` ("loss_sum", "correct").
+  and test sums of `train.eval_step` ("loss_sum", and "correct" or
+  "abs_error").
 
-  The same rule as `train_and_evaluate`'s on host: the first epoch of best
-  validation accuracy (correct counts, the count is fixed) or of lowest
-  validation loss (loss sums), so the float64 division there cannot break
-  a tie differently. Epochs from the first non-finite loss on are left
-  out (`train_and_evaluate` would stop there).
+  The same rule as `train_and_evaluate`'s on host (`criterion`, one of
+  `train.SELECTIONS`): the first epoch of best validation accuracy (correct
+  counts, the count is fixed), of lowest validation loss (loss sums) or of
+  lowest validation MAE (absolute-error sums), so the float64 division
+  there cannot break a tie differently. Epochs from the first non-finite
+  loss on are left out (`train_and_evaluate` would stop there).
   """
   finite = jnp.isfinite(loss)
   diverged = jnp.where(
     selection.alive & ~finite, epoch, selection.diverged_epoch
   )
   alive = selection.alive & finite
-  score = -val["loss_sum"] if by_loss else val["correct"].astype(float)
+  no_count, no_error = jnp.zeros((), jnp.int32), jnp.zeros(())
+  val_correct = val.get("correct", no_count)
+  val_error = val.get("abs_error", no_error)
+  score = {
+    "val_acc": val_correct.astype(float),
+    "val_loss": -val["loss_sum"],
+    "val_mae": -val_error,
+  }[criterion]
   better = alive & ((epoch == 0) | (score > selection.score))
   candidate = Selection(
-    epoch,
-    score,
-    val["correct"],
-    val["loss_sum"],
-    test["correct"],
-    alive,
-    diverged,
+    best_epoch=epoch,
+    score=score,
+    val_correct=val_correct,
+    val_loss_sum=val["loss_sum"],
+    test_correct=test.get("correct", no_count),
+    val_error_sum=val_error,
+    test_error_sum=test.get("abs_error", no_error),
+    alive=alive,
+    diverged_epoch=diverged,
   )
   kept = selection._replace(alive=alive, diverged_epoch=diverged)
   return jax.tree.map(
@@ -311,6 +328,8 @@ def selection_metrics(selection: Selection, last_loss) -> SweepMetrics:
     test_correct=selection.test_correct,
     train_loss=last_loss,
     diverged_epoch=selection.diverged_epoch,
+    val_error_sum=selection.val_error_sum,
+    test_error_sum=selection.test_error_sum,
   )
 
 
@@ -336,7 +355,7 @@ def make_sweep_run(
     `train.node_inputs`.
   """
   epochs = config.train.epochs
-  by_loss = config.train.selection == "val_loss"
+  criterion = config.train.selection
 
   def run_one(point: SweepPoint, graph, eval_batch) -> SweepMetrics:
     train_batch = train_lib.Batch(
@@ -359,7 +378,7 @@ def make_sweep_run(
       sums = train_lib.eval_step(state, eval_batch)
       loss = train_metrics["loss"]
       selection = update_selection(
-        selection, epoch, loss, sums["val"], sums["test"], by_loss=by_loss
+        selection, epoch, loss, sums["val"], sums["test"], criterion=criterion
       )
       return (state, selection), loss
 
@@ -410,8 +429,7 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
   """Refuses configs the vmapped sweep does not cover.
 
   Raises:
-    NotImplementedError: MixQ (staged runs), regression (graph MAE) and
-      neighbour-sampled training.
+    NotImplementedError: MixQ (staged runs) and neighbour-sampled training.
     ValueError: anything `train_and_evaluate` would refuse.
   """
   if config.quant.framework not in SWEEP_FRAMEWORKS:
@@ -419,22 +437,18 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
       f"lorap sweep covers the frameworks {SWEEP_FRAMEWORKS}; "
       f"{config.quant.framework!r} trains in stages, run it with `lorap train`"
     )
-  if config.train.selection == "val_mae":
-    raise NotImplementedError(
-      f"lorap sweep ranks configurations by accuracy; {config.dataset!r} is "
-      "selected on validation MAE (regression): run its configurations "
-      "with `lorap train`"
-    )
   if config.train.get("sampler", "full") != "full":
     raise NotImplementedError(
       "lorap sweep trains full-batch node tasks and mini-batched graph "
       f"tasks; train.sampler={config.train.sampler!r} runs with `lorap train`"
     )
   train_lib._validate(config)
-  if config.train.selection not in ("val_acc", "val_loss"):
+  node = data_lib.is_node_dataset(config.dataset)
+  allowed = ("val_acc", "val_loss") if node else train_lib.SELECTIONS
+  if config.train.selection not in allowed:
     raise ValueError(
-      f"selection={config.train.selection!r} is not one of "
-      "('val_acc', 'val_loss')"
+      f"selection={config.train.selection!r} is not one of {allowed} "
+      f"for {config.dataset!r}"
     )
 
 
@@ -503,6 +517,7 @@ class _NodeTask:
   """
 
   kind = "node"
+  regression = False
 
   def __init__(self, config, dataset, mesh):
     self.dataset = dataset
@@ -621,7 +636,7 @@ def run_sweep(
   Raises:
     ValueError: on a bad grid (unknown or empty axis, non-numeric values,
       bits outside 1..16) or config, or a chunk size below 1.
-    NotImplementedError: MixQ, graph regression and neighbour sampling.
+    NotImplementedError: MixQ and neighbour sampling.
   """
   if not isinstance(grid, SweepGrid):
     grid = SweepGrid.from_axes(grid)
@@ -710,7 +725,7 @@ def _collect(chunk, outputs, task, bar) -> list[dict[str, Any]]:
   for i, point in enumerate(chunk):
     row = {name: point[name] for name in AXES}
     row.update(task.row_fields(point))
-    row.update(_row_metrics(metrics, i, task.counts(point)))
+    row.update(_row_metrics(metrics, i, task.counts(point), task.regression))
     rows.append(row)
   bar.update(len(rows))
   return rows
@@ -800,13 +815,29 @@ def _compile(run_one, example: tuple, in_axes: tuple, mesh):
   return compiled, time.perf_counter() - start
 
 
-def _row_metrics(metrics: SweepMetrics, i: int, counts) -> dict[str, Any]:
-  """Run `i`'s CSV metrics; float64 division, as `summarize_eval`."""
+def _row_metrics(
+  metrics: SweepMetrics, i: int, counts, regression: bool = False
+) -> dict[str, Any]:
+  """Run `i`'s CSV metrics; float64 division, as `summarize_eval`.
+
+  Classification: val_acc, val_loss, test_acc; regression: val_mae,
+  val_loss, test_mae.
+  """
+  if regression:
+    quality = {
+      "val_mae": float(metrics.val_error_sum[i]) / counts["val"],
+      "val_loss": float(metrics.val_loss_sum[i]) / counts["val"],
+      "test_mae": float(metrics.test_error_sum[i]) / counts["test"],
+    }
+  else:
+    quality = {
+      "val_acc": int(metrics.val_correct[i]) / counts["val"],
+      "val_loss": float(metrics.val_loss_sum[i]) / counts["val"],
+      "test_acc": int(metrics.test_correct[i]) / counts["test"],
+    }
   return {
     "best_epoch": int(metrics.best_epoch[i]),
-    "val_acc": int(metrics.val_correct[i]) / counts["val"],
-    "val_loss": float(metrics.val_loss_sum[i]) / counts["val"],
-    "test_acc": int(metrics.test_correct[i]) / counts["test"],
+    **quality,
     "train_loss": float(metrics.train_loss[i]),
     "diverged_epoch": int(metrics.diverged_epoch[i]),
   }
@@ -826,9 +857,9 @@ def _prepare(workdir, config) -> pathlib.Path | None:
   return workdir
 
 
-def _order_key(row_index: int, val_acc: float, val_loss: float):
-  # Higher accuracy first, then lower loss, then grid order.
-  return (-val_acc, val_loss, row_index)
+def _order_key(row_index: int, score: float, val_loss: float):
+  # Higher score first, then lower loss, then grid order.
+  return (-score, val_loss, row_index)
 
 
 def select_best(
@@ -837,21 +868,34 @@ def select_best(
   """The best row, and the best hyper-parameters averaged over seeds (and
   folds, where rows have a "fold").
 
-  Both rank by validation accuracy, then lower validation loss, then grid
-  order (a NaN loss ranks last).
+  Both rank by validation accuracy (regression rows: lowest validation
+  MAE), then lower validation loss, then grid order (a NaN loss or MAE
+  ranks last).
 
   Returns:
     `(best_row, best_mean)`; best_mean holds the axes except the seed, the
-    runs' seeds (and folds), and the mean and sample std (ddof=1) of
-    val_acc and test_acc.
+    runs' seeds (and folds), and the mean and sample std (ddof=1) of the
+    rows' metrics (val_acc, val_loss, test_acc; or val_mae, val_loss,
+    test_mae).
   """
+  regression = "val_mae" in rows[0]
+  metrics = (
+    ("val_mae", "val_loss", "test_mae")
+    if regression
+    else ("val_acc", "val_loss", "test_acc")
+  )
 
-  def loss(value):
+  def finite(value):
     return math.inf if math.isnan(value) else value
+
+  def score(value):
+    return -finite(value) if regression else value
 
   best_index = min(
     range(len(rows)),
-    key=lambda i: _order_key(i, rows[i]["val_acc"], loss(rows[i]["val_loss"])),
+    key=lambda i: _order_key(
+      i, score(rows[i][metrics[0]]), finite(rows[i]["val_loss"])
+    ),
   )
   groups: dict[tuple, list[int]] = {}
   for i, row in enumerate(rows):
@@ -860,7 +904,7 @@ def select_best(
 
   def summary(indices):
     stats = {}
-    for metric in ("val_acc", "val_loss", "test_acc"):
+    for metric in metrics:
       mean, std = train_lib.mean_and_std([rows[i][metric] for i in indices])
       stats[f"{metric}_mean"], stats[f"{metric}_std"] = mean, std
     return stats
@@ -870,8 +914,8 @@ def select_best(
     summaries,
     key=lambda key: _order_key(
       groups[key][0],
-      summaries[key]["val_acc_mean"],
-      loss(summaries[key]["val_loss_mean"]),
+      score(summaries[key][f"{metrics[0]}_mean"]),
+      finite(summaries[key]["val_loss_mean"]),
     ),
   )
   best_mean = {
@@ -897,7 +941,8 @@ def write_results(result: SweepResult, workdir: str | os.PathLike) -> None:
     "num_configurations": len(result.rows),
     "selection": (
       "best: the run (seed and fold included) of highest validation "
-      "accuracy, ties broken by lower validation loss, then grid order; "
+      "accuracy (regression: lowest validation MAE), ties broken by lower "
+      "validation loss, then grid order; "
       "best_mean_over_seeds: the same ranking of the metrics averaged over "
       "seeds (and folds, for graph datasets); each run's metrics are at its "
       "epoch selected by train.selection"

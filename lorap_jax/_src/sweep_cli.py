@@ -178,24 +178,37 @@ def format_result(result: sweep_lib.SweepResult) -> str:
   settings = ", ".join(
     f"{name}={best[name]}" for name in sweep_lib.AXES if name != "seed"
   )
+  metric = "mae" if "val_mae" in best else "acc"
   return "\n".join(
     [
       f"{_size_text(result.rows)}; compile "
       f"{sum(result.compile_seconds):.1f} s, train "
       f"{sum(result.run_seconds):.1f} s",
       f"  best run       {_run_name(best)}, {settings}: val "
-      f"{100 * best['val_acc']:.2f} %, test {100 * best['test_acc']:.2f} % "
-      f"(epoch {best['best_epoch']})",
+      f"{_metric(best[f'val_{metric}'], metric)}, test "
+      f"{_metric(best[f'test_{metric}'], metric)} (epoch {best['best_epoch']})",
       "  best by mean   "
       + ", ".join(
         f"{name}={mean[name]}" for name in sweep_lib.AXES if name != "seed"
       )
-      + f": val {100 * mean['val_acc_mean']:.2f} "
-      f"± {100 * mean['val_acc_std']:.2f} %, test "
-      f"{100 * mean['test_acc_mean']:.2f} ± {100 * mean['test_acc_std']:.2f} "
-      f"% ({_runs_text(mean)})",
+      + f": val {_mean_metric(mean, 'val', metric)}, test "
+      f"{_mean_metric(mean, 'test', metric)} ({_runs_text(mean)})",
     ]
   )
+
+
+def _mean_metric(mean, split: str, metric: str) -> str:
+  name = f"{split}_{metric}"
+  return _metric(mean[f"{name}_mean"], metric, mean[f"{name}_std"])
+
+
+def _metric(value: float, metric: str, std: float | None = None) -> str:
+  """An accuracy in percent, or an MAE, with its std when given."""
+  if metric == "acc":
+    spread = "" if std is None else f" ± {100 * std:.2f}"
+    return f"{100 * value:.2f}{spread} %"
+  spread = "" if std is None else f" ± {std:.3f}"
+  return f"MAE {value:.3f}{spread}"
 
 
 def _count(number: int, noun: str) -> str:
