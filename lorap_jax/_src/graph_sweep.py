@@ -10,10 +10,11 @@ step gathers its padded batch from the dataset kept on the device
 (`device_batching.gather_batch`). A run is then a pure function of its
 numeric hyper-parameters and those ids, which `sweep.run_sweep` vmaps.
 
-All batches of a sweep share one padding budget, the largest batch of any
-run it holds, where `train_and_evaluate` pads each batch to the smallest of
-a ladder of sizes: the real nodes and edges are the same, only the padding
-(which every sum masks out) differs.
+The batches of a sweep share three padding budgets (`GraphBudgets`: full
+training batches, an epoch's last batch, evaluation batches), each the
+largest such batch of any run the sweep holds, where `train_and_evaluate`
+pads each batch to the smallest of a ladder of sizes: the real nodes and
+edges are the same, only the padding (which every sum masks out) differs.
 """
 
 from typing import Any, NamedTuple
@@ -51,6 +52,21 @@ class GraphRunInputs(NamedTuple):
   target_affine: np.ndarray | None = None
 
 
+class GraphBudgets(NamedTuple):
+  """Padded sizes of a sweep's batches, each with room for its largest.
+
+  Attributes:
+    full: the training steps of an epoch but its last (full batches), and
+      the initialisation batch when there are several steps.
+    last: an epoch's last step (the remainder of the fold's graphs).
+    eval: the validation and test batches.
+  """
+
+  full: batching.PaddingBudget
+  last: batching.PaddingBudget
+  eval: batching.PaddingBudget
+
+
 def epoch_orders(train_ids, epochs: int, seed: int) -> np.ndarray:
   """``[epochs, n]``: each epoch's order of `train_ids`, drawn as
   `train_and_evaluate` draws it for `seed`."""
@@ -59,7 +75,7 @@ def epoch_orders(train_ids, epochs: int, seed: int) -> np.ndarray:
 
 
 def make_graph_sweep_run(
-  config, model, budget: batching.PaddingBudget, loss: str = "cross_entropy"
+  config, model, budgets: GraphBudgets, loss: str = "cross_entropy"
 ):
   """`run_one(point, inputs, graphs) -> SweepMetrics` for one structure.
 
@@ -71,10 +87,14 @@ def make_graph_sweep_run(
   draws them) and the evaluation of the validation and test batches. Pure
   and traceable: jit it, or vmap it with ``in_axes=(0, 0, None)``.
 
+  The last step of an epoch and the evaluation batches have budgets of
+  their own: a short remainder, or a fold's few validation graphs, padded
+  to a full batch's size would cost what a full batch costs.
+
   Args:
     config: the structure's config.
     model: the graph-level model `train.create_model` built for it.
-    budget: the padded sizes of every batch (room for the largest one).
+    budgets: the padded sizes of the batches (`GraphBudgets`).
     loss: the training loss (`train.task_loss`); a regression loss reads
       ``inputs.target_affine``.
   """
@@ -87,12 +107,12 @@ def make_graph_sweep_run(
     zero["abs_error"] = jnp.zeros(())
 
   def run_one(point, inputs: GraphRunInputs, graphs) -> sweep_lib.SweepMetrics:
-    def gather(ids):
+    def gather(ids, budget):
       return device_lib.gather_batch(graphs, ids, budget)
 
     def evaluate(state, id_rows):
       def add(totals, ids):
-        batch = gather(ids)
+        batch = gather(ids, budgets.eval)
         masks = {"split": batch.graph_mask}
         sums = train_lib.eval_step(
           state, train_lib.EvalBatch(batch.graph, batch.labels, masks)
@@ -103,10 +123,12 @@ def make_graph_sweep_run(
 
     epochs, steps = inputs.schedule.shape[:2]
     init_key, dropout_key = jax.random.split(jax.random.key(point.seed))
+    # With one step an epoch the first batch is that step's, the last.
+    init_budget = budgets.full if steps > 1 else budgets.last
     state = train_lib.initial_train_state(
       config,
       model,
-      gather(inputs.init_ids).graph,
+      gather(inputs.init_ids, init_budget).graph,
       init_key,
       steps_per_epoch=steps,
       bits=point.bits,
@@ -120,32 +142,33 @@ def make_graph_sweep_run(
       )
     )
 
+    def train_on(state, step, ids, epoch, budget):
+      batch = gather(ids, budget)
+      rng = jax.random.fold_in(dropout_key, epoch * 100_003 + step)
+      state, metrics = train_lib.train_step(state, train_lib.Batch(*batch), rng)
+      return state, metrics["loss"]
+
     def epoch_fn(carry, xs):
       state, selection = carry
       epoch, batches = xs
-
-      def step_fn(state, step_xs):
-        step, ids = step_xs
-        batch = gather(ids)
-        rng = jax.random.fold_in(dropout_key, epoch * 100_003 + step)
-        state, metrics = train_lib.train_step(
-          state, train_lib.Batch(*batch), rng
-        )
-        return state, metrics["loss"]
-
       state, losses = jax.lax.scan(
-        step_fn, state, (jnp.arange(steps, dtype=jnp.int32), batches)
+        lambda state, step_xs: train_on(state, *step_xs, epoch, budgets.full),
+        state,
+        (jnp.arange(steps - 1, dtype=jnp.int32), batches[:-1]),
       )
-      loss = jnp.mean(losses)
+      state, last_loss = train_on(
+        state, steps - 1, batches[-1], epoch, budgets.last
+      )
+      train_loss = jnp.mean(jnp.append(losses, last_loss))
       selection = sweep_lib.update_selection(
         selection,
         epoch,
-        loss,
+        train_loss,
         evaluate(state, inputs.val_ids),
         evaluate(state, inputs.test_ids),
         criterion=criterion,
       )
-      return (state, selection), loss
+      return (state, selection), train_loss
 
     (_, selection), losses = jax.lax.scan(
       epoch_fn,
@@ -162,7 +185,7 @@ class GraphTask:
 
   Every numeric point runs on each of the config's folds (a row per fold).
   The dataset sits on the devices once; each run gets the graph ids of its
-  fold and seed (`GraphRunInputs`), and all runs one padding budget.
+  fold and seed (`GraphRunInputs`), and all runs the same budgets.
   """
 
   kind = "graph"
@@ -194,22 +217,36 @@ class GraphTask:
       }
       for index, fold in self.folds.items()
     }
-    self.budget = self._budget(values["seed"])
+    self.budgets = self._budgets(values["seed"])
 
-  def _budget(self, seeds) -> batching.PaddingBudget:
-    """One budget with room for every batch of every run of the sweep."""
-    nodes, edges = 0, 0
+  def _budgets(self, seeds) -> GraphBudgets:
+    """Budgets with room for every batch of every run of the sweep."""
+    largest = {name: (0, 0) for name in GraphBudgets._fields}
+
+    def fit(name, ids):
+      nodes, edges = device_lib.batch_sizes(self.dataset, ids)
+      most_nodes, most_edges = largest[name]
+      largest[name] = (max(nodes, most_nodes), max(edges, most_edges))
+
     for fold in self.folds:
       for seed in seeds:
         run = self.inputs(seed, fold)
-        for ids in (run.init_ids, run.schedule, run.val_ids, run.test_ids):
-          most_nodes, most_edges = device_lib.batch_sizes(self.dataset, ids)
-          nodes, edges = max(nodes, most_nodes), max(edges, most_edges)
+        several = run.schedule.shape[1] > 1
+        fit("full" if several else "last", run.init_ids)
+        fit("full", run.schedule[:, :-1])
+        fit("last", run.schedule[:, -1])
+        fit("eval", run.val_ids)
+        fit("eval", run.test_ids)
     # One padding node and graph beyond the batch, as the host budgets.
-    return batching.PaddingBudget(
-      n_node=batching._round_up(nodes + 1),
-      n_edge=batching._round_up(edges),
-      n_graph=self.batch_size + 1,
+    return GraphBudgets(
+      *(
+        batching.PaddingBudget(
+          n_node=batching._round_up(nodes + 1),
+          n_edge=batching._round_up(edges),
+          n_graph=self.batch_size + 1,
+        )
+        for nodes, edges in largest.values()
+      )
     )
 
   def inputs(self, seed: int, fold: int) -> GraphRunInputs:
@@ -257,7 +294,7 @@ class GraphTask:
     return list(by_steps.values())
 
   def make_run(self, config, model):
-    return make_graph_sweep_run(config, model, self.budget, self.loss)
+    return make_graph_sweep_run(config, model, self.budgets, self.loss)
 
   def counts(self, point) -> dict[str, int]:
     fold = self.folds[point["fold"]]
