@@ -103,10 +103,30 @@ def _logged(workdir, seed, fold, epoch):
   raise AssertionError(f"no metrics for seed {seed} fold {fold} {epoch}")
 
 
+def _cli_sweep(data_dir, workdir, capsys, *flags):
+  """`lorap sweep` on MUTAG, QAT, 2 epochs: its stdout and CSV rows."""
+  code = cli.main(
+    [
+      "sweep",
+      "--dataset=mutag",
+      f"--data-dir={data_dir}",
+      f"--workdir={workdir}",
+      "--framework=qat",
+      "--epochs=2",
+      "--no-progress",
+      *flags,
+    ]
+  )
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  with open(workdir / "sweep.csv") as file:
+    return out, list(csv.DictReader(file))
+
+
 # One step (a whole fold in a batch) and the evaluation after it, FP32.
 # Adam's first step is about lr * sign(gradient): a last-bit difference in
 # a near-zero gradient (another summation order: a batched program, or the
-# sweep's single padding budget against the library's ladder) becomes a
+# sweep's padding budgets against the library's ladder) becomes a
 # step of full size. So the step's loss, computed before any update from
 # the same graphs, keys and initialisation, is compared to the bit, and
 # what follows the update loosely.
@@ -209,24 +229,10 @@ def test_graph_regression_follows_train_and_evaluate(
 def test_regression_sweep_ranks_by_lowest_mae(
   data_dir, mutag_as_regression, tmp_path, capsys
 ):
-  code = cli.main(
-    [
-      "sweep",
-      "--dataset=mutag",
-      f"--data-dir={data_dir}",
-      f"--workdir={tmp_path}",
-      "--framework=qat",
-      "--epochs=2",
-      "--selection=val_mae",
-      "--lr=0.01,0.001",
-      "--no-progress",
-    ]
+  out, rows = _cli_sweep(
+    data_dir, tmp_path, capsys, "--selection=val_mae", "--lr=0.01,0.001"
   )
-  out, err = capsys.readouterr()
-  assert code == 0, err
   assert "val MAE" in out and "%" not in out
-  with open(tmp_path / "sweep.csv") as file:
-    rows = list(csv.DictReader(file))
   best = json.loads((tmp_path / "best.json").read_text())["best"]
   assert best["val_mae"] == pytest.approx(
     min(float(r["val_mae"]) for r in rows)
@@ -246,27 +252,17 @@ def test_regression_selection_must_fit_the_task(data_dir, mutag_as_regression):
 
 
 def test_cli_sweeps_a_graph_dataset_over_folds(data_dir, tmp_path, capsys):
-  code = cli.main(
-    [
-      "sweep",
-      "--dataset=mutag",
-      f"--data-dir={data_dir}",
-      f"--workdir={tmp_path}",
-      "--framework=qat",
-      "--prompt=lorap",
-      "--epochs=2",
-      "--folds=2",
-      "--first-fold=7",
-      "--lr=0.01,0.005",
-      "--no-progress",
-    ]
+  out, rows = _cli_sweep(
+    data_dir,
+    tmp_path,
+    capsys,
+    "--prompt=lorap",
+    "--folds=2",
+    "--first-fold=7",
+    "--lr=0.01,0.005",
   )
-  out, err = capsys.readouterr()
-  assert code == 0, err
   assert "4 runs (2 configurations x 2 folds)" in out
   assert "2 runs: 1 seed x 2 folds" in out
-  with open(tmp_path / "sweep.csv") as file:
-    rows = list(csv.DictReader(file))
   assert [(r["fold"], r["learning_rate"]) for r in rows] == [
     ("7", "0.01"),
     ("7", "0.005"),
