@@ -51,9 +51,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
       "rank configurations by their mean over seeds and folds."
     ),
   )
-  sweep.add_argument(
-    "--dataset", required=True, help="a node or graph-classification dataset"
-  )
+  sweep.add_argument("--dataset", required=True, help="a node or graph dataset")
   sweep.add_argument("--workdir", required=True, help="output directory")
   sweep.add_argument("--data-dir", help="dataset root (or LORAP_DATA_DIR)")
   sweep.add_argument("--model", help="gcn, gin or gat")
