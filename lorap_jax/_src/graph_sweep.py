@@ -205,7 +205,7 @@ class GraphTask:
     )
     rows = {
       split: max(
-        -(-len(getattr(fold, split)) // self.batch_size)
+        device_lib.batch_count(len(getattr(fold, split)), self.batch_size)
         for fold in self.folds.values()
       )
       for split in ("val", "test")
@@ -229,14 +229,15 @@ class GraphTask:
       largest[name] = (max(nodes, most_nodes), max(edges, most_edges))
 
     for fold in self.folds:
+      # Evaluation batches are a fold's, whatever the seed.
+      fit("eval", self._eval_ids[fold]["val"])
+      fit("eval", self._eval_ids[fold]["test"])
       for seed in seeds:
         run = self.inputs(seed, fold)
         several = run.schedule.shape[1] > 1
         fit("full" if several else "last", run.init_ids)
         fit("full", run.schedule[:, :-1])
         fit("last", run.schedule[:, -1])
-        fit("eval", run.val_ids)
-        fit("eval", run.test_ids)
     # One padding node and graph beyond the batch, as the host budgets.
     return GraphBudgets(
       *(
@@ -275,7 +276,7 @@ class GraphTask:
     )
 
   def steps(self, fold: int) -> int:
-    return -(-len(self.folds[fold].train) // self.batch_size)
+    return device_lib.batch_count(len(self.folds[fold].train), self.batch_size)
 
   def points(self, values, numeric) -> list[dict[str, Any]]:
     """Every numeric point on every fold, the folds outermost."""

@@ -71,6 +71,11 @@ def device_graphs(dataset: GraphDataset) -> DeviceGraphs:
   )
 
 
+def batch_count(num_graphs: int, batch_size: int) -> int:
+  """How many batches `num_graphs` graphs make (the last may be short)."""
+  return -(-num_graphs // batch_size)
+
+
 def id_rows(order: np.ndarray, batch_size: int, rows: int | None = None):
   """Graph ids in rows of `batch_size`, the end filled with `NO_GRAPH`.
 
@@ -78,7 +83,7 @@ def id_rows(order: np.ndarray, batch_size: int, rows: int | None = None):
   them); `rows` pads with empty rows up to that many.
   """
   order = np.asarray(order, np.int64)
-  needed = -(-len(order) // batch_size)
+  needed = batch_count(len(order), batch_size)
   rows = needed if rows is None else rows
   if rows < needed:
     raise ValueError(f"{len(order)} graphs need {needed} rows, not {rows}")
