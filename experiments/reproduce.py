@@ -336,12 +336,10 @@ def table_row(out: pathlib.Path, cell) -> dict:
     summary = json.loads(summary_path.read_text())
     config = summary["config"]
     node_task = lorap_jax.is_node_dataset(dataset)
-    fixed_split = node_task or config["folds"] == 1
-    runs_of = "seeds" if fixed_split else "folds x seeds"
     row.update(
       status="done",
       protocol=protocol_label(config, *cell),
-      runs=_runs_text(summary["num_runs"], runs_of),
+      runs=_runs_text(summary["num_runs"], lorap_jax.runs_of(config)),
       epochs_per_run=_epochs_per_run(config, node_task),
       selection=config["train"]["selection"],
       framework_figure=cell_figure(summary),

@@ -6,6 +6,7 @@ from lorap_jax._src.config import (
   FRAMEWORKS,
   MIXQ_NODE_SETTINGS,
   get_config,
+  runs_of,
   use_mixq_node_settings,
 )
 from lorap_jax._src.data import (
@@ -234,6 +235,7 @@ __all__ = [
   "resolve_data_dir",
   "round_to_integer",
   "run_sweep",
+  "runs_of",
   "sample_neighborhood",
   "sample_node_batch",
   "sampled_gcn_normalization",

@@ -411,3 +411,21 @@ def test_a_second_run_at_another_learning_rate_compiles_nothing(tmp_path):
   assert (train.train_step._cache_size(), train.eval_step._cache_size()) == (
     compiled
   )
+
+
+@pytest.mark.parametrize(
+  ("dataset", "folds", "expected"),
+  [
+    ("cora", 10, "seeds"),  # Node tasks: one split per seed, folds unused.
+    ("mutag", 10, "folds x seeds"),
+    ("mutag", 1, "seeds"),
+    ("aqsol", None, "seeds"),  # Its config's one fixed split.
+    ("mnist-superpixels", None, "seeds"),
+  ],
+)
+def test_runs_of_names_what_the_runs_range_over(dataset, folds, expected):
+  config = lorap_jax.get_config(dataset)
+  if folds is not None:
+    config.folds = folds
+  assert lorap_jax.runs_of(config) == expected
+  assert lorap_jax.runs_of(config.to_dict()) == expected

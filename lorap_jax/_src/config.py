@@ -95,6 +95,20 @@ def use_mixq_node_settings(config, *, keep=()) -> None:
       config[section][field] = value
 
 
+def runs_of(config) -> str:
+  """What a config's runs range over: "seeds", or "folds x seeds".
+
+  Node tasks train on one split per seed; graph tasks with one fold
+  (MNIST superpixels' and AqSol's fixed split) likewise. `config` is a
+  config or its `to_dict()`.
+  """
+  from lorap_jax._src.data import is_node_dataset
+
+  if is_node_dataset(config["dataset"]) or config["folds"] == 1:
+    return "seeds"
+  return "folds x seeds"
+
+
 def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   """The default config for `dataset` (node or graph level).
 

@@ -1905,8 +1905,7 @@ def _summary(config, dataset, records, node_task) -> dict:
     )
     if group == "prompt"
   )
-  # MNIST superpixels and AqSol have one fixed split: their runs are seeds.
-  runs = "seeds" if node_task or config.folds == 1 else "folds x seeds"
+  runs = config_lib.runs_of(config)
   return {
     "dataset": config.dataset,
     "model": config.model.architecture,
