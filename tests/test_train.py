@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 
 import lorap_jax
 from lorap_jax._src import cli, train
+from lorap_jax._src import config as config_lib
 
 
 def _small_config(dataset, **overrides):
@@ -429,3 +430,14 @@ def test_runs_of_names_what_the_runs_range_over(dataset, folds, expected):
     config.folds = folds
   assert lorap_jax.runs_of(config) == expected
   assert lorap_jax.runs_of(config.to_dict()) == expected
+
+
+def test_with_fields_copies_and_leaves_the_original_alone():
+  config = lorap_jax.get_config("cora")
+  changed = config_lib.with_fields(
+    config, {"train.epochs": 3, "quant.framework": "dq"}
+  )
+  assert (changed.train.epochs, changed.quant.framework) == (3, "dq")
+  assert (config.train.epochs, config.quant.framework) == (200, "qat")
+  with pytest.raises(KeyError):
+    config_lib.with_fields(config, {"nosuch.field": 1})

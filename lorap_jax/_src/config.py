@@ -4,6 +4,9 @@ The config never enters `jit`: `train.create_model` and
 `train.create_optimizer` turn it into objects and refuse unknown names.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -93,6 +96,20 @@ def use_mixq_node_settings(config, *, keep=()) -> None:
     if path not in keep:
       section, field = path.split(".")
       config[section][field] = value
+
+
+def with_fields(
+  config: ml_collections.ConfigDict, fields: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields replaced: {"train.epochs": 5}."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  for path, value in fields.items():
+    *sections, leaf = path.split(".")
+    node = copy
+    for section in sections:
+      node = node[section]
+    node[leaf] = value
+  return copy
 
 
 def runs_of(config) -> str:

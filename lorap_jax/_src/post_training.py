@@ -137,7 +137,7 @@ def post_train_prompts(
       "writes to a new one so that nothing saved there is overwritten"
     )
   source_config = _source_config(source)
-  config = train_lib._overridden(config, train__trainable="prompts")
+  config = config_lib.with_fields(config, {"train.trainable": "prompts"})
   _check_compatible(source_config, config)
   train_lib._validate(config)
   runs = _source_runs(source, source_config, config.seeds)

@@ -43,6 +43,7 @@ import numpy as np
 import tqdm
 from jax.sharding import PartitionSpec as P
 
+from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import distributed
 from lorap_jax._src import quantization as q
@@ -574,12 +575,14 @@ class _NodeTask:
 
 
 def _overridden(config, assignment: Mapping[str, Any]):
-  copy = ml_collections.ConfigDict(config.to_dict())
-  for name, value in assignment.items():
-    path = STRUCTURAL_AXES.get(name) or _CONFIG_FIELDS[name]
-    section, leaf = path.split(".")
-    copy[section][leaf] = value
-  return copy
+  """`config` with each grid axis of `assignment` set to its value."""
+  return config_lib.with_fields(
+    config,
+    {
+      STRUCTURAL_AXES.get(name) or _CONFIG_FIELDS[name]: value
+      for name, value in assignment.items()
+    },
+  )
 
 
 def run_sweep(

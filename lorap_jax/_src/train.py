@@ -1268,18 +1268,6 @@ def _target_affine(config, dataset, fold):
   return np.array([targets.mean(), max(targets.std(), 1e-6)], np.float32)
 
 
-def _overridden(config, **overrides) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted fields replaced ("train.epochs"=...)."""
-  copy = ml_collections.ConfigDict(config.to_dict())
-  for path, value in overrides.items():
-    *sections, leaf = path.split("__")
-    node = copy
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
-  return copy
-
-
 def _mixq_selection(config, state) -> tuple[dict[str, int], str]:
   """The searched widths and the config string that fixes them."""
   chosen = mixq.selected_widths(state.params, quant_config(config).mixq)
@@ -1336,22 +1324,26 @@ def _train_mixq_node_run(
 
   settings = config.mixq
   search = run(
-    _overridden(config, train__epochs=settings.search_epochs), "search"
+    config_lib.with_fields(config, {"train.epochs": settings.search_epochs}),
+    "search",
   )
   # The widths of the finished search (its weights are not kept).
   chosen, selected = _mixq_selection(config, search.last_state)
   fp32 = run(
-    _overridden(
-      config, quant__framework="fp32", train__epochs=settings.fp32_epochs
+    config_lib.with_fields(
+      config,
+      {"quant.framework": "fp32", "train.epochs": settings.fp32_epochs},
     ),
     "fp32",
   )
-  fixed_config = _overridden(
+  fixed_config = config_lib.with_fields(
     config,
-    mixq__selected=selected,
-    train__epochs=settings.finetune_epochs,
-    train__learning_rate=settings.finetune_lr,
-    train__weight_decay=0.0,
+    {
+      "mixq.selected": selected,
+      "train.epochs": settings.finetune_epochs,
+      "train.learning_rate": settings.finetune_lr,
+      "train.weight_decay": 0.0,
+    },
   )
   start = {"params": fp32.state.params, "batch_stats": fp32.state.batch_stats}
   fixed = run(fixed_config, "fixed", start)
@@ -1396,7 +1388,9 @@ def _train_mixq_graph_run(
   search = run(config, "search")
   # As the reference: the search model of lowest validation loss.
   chosen, selected = _mixq_selection(config, search.state)
-  fixed = run(_overridden(config, mixq__selected=selected), "fixed")
+  fixed = run(
+    config_lib.with_fields(config, {"mixq.selected": selected}), "fixed"
+  )
   return fixed._replace(extras={"mixq_selected_bits": chosen})
 
 
