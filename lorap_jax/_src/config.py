@@ -94,8 +94,16 @@ def use_mixq_node_settings(config, *, keep=()) -> None:
     return
   for path, value in MIXQ_NODE_SETTINGS.items():
     if path not in keep:
-      section, field = path.split(".")
-      config[section][field] = value
+      set_field(config, path, value)
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, value) -> None:
+  """Sets the dotted field `path` ("train.epochs") of `config` in place."""
+  *sections, leaf = path.split(".")
+  node = config
+  for section in sections:
+    node = node[section]
+  node[leaf] = value
 
 
 def with_fields(
@@ -104,11 +112,7 @@ def with_fields(
   """A copy of `config` with dotted fields replaced: {"train.epochs": 5}."""
   copy = ml_collections.ConfigDict(config.to_dict())
   for path, value in fields.items():
-    *sections, leaf = path.split(".")
-    node = copy
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
+    set_field(copy, path, value)
   return copy
 
 
@@ -330,9 +334,5 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.train.calibration_size = 35
 
   for path, value in DATASET_DEFAULTS.get(dataset.lower(), {}).items():
-    *sections, leaf = path.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[leaf] = value
+    set_field(config, path, value)
   return config
