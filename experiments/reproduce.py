@@ -36,6 +36,7 @@ import platform
 import sys
 
 import jax
+import numpy as np
 from anchors import PAPER_VALUES, anchor_for
 from frameworks_table import framework_figure
 
@@ -72,6 +73,7 @@ CSV_COLUMNS = (
   "val_acc_mean",
   "test_mae_mean",
   "test_mae_std",
+  "test_per_run",
   "framework_figure",
   "epoch_ms_median",
   "anchor_mean",
@@ -312,6 +314,15 @@ def _percent(value):
   return None if value is None else round(100 * value, 2)
 
 
+def _per_run_text(values, scale: float, digits: int) -> str:
+  """Each run's test metric in run order (folds, then seeds), joined by
+  ';', so that prompts can be compared with their framework run by run
+  without the run directories."""
+  if not values:  # Summaries written before they listed their runs.
+    return ""
+  return ";".join(str(round(scale * value, digits)) for value in values)
+
+
 def table_row(out: pathlib.Path, cell) -> dict:
   """One CSV / Markdown row from a cell's workdir (numbers in percent)."""
   dataset, model, framework, prompt = cell
@@ -354,12 +365,14 @@ def table_row(out: pathlib.Path, cell) -> dict:
       row.update(
         test_mae_mean=round(summary["test_mae_mean"], 4),
         test_mae_std=round(summary["test_mae_std"], 4),
+        test_per_run=_per_run_text(summary.get("test_maes"), 1, 4),
       )
     else:
       row.update(
         test_acc_mean=_percent(summary["test_acc_mean"]),
         test_acc_std=_percent(summary["test_acc_std"]),
         val_acc_mean=_percent(summary["val_acc_mean"]),
+        test_per_run=_per_run_text(summary.get("test_accs"), 100, 2),
       )
     if summary["num_runs"] < 2:  # One run has no sample std: leave it empty.
       row.update(test_acc_std="", test_mae_std="")
@@ -516,6 +529,11 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "prompt; GPF-LoRAP GPF-plus (k = 10) on the input plus LoRAP. "
     "Accuracy in percent (regression sets: test MAE, lower is better), "
     "mean ± sample std (ddof 1) over the runs. "
+    "`prompt effect`: the prompt's row minus its framework's row without a "
+    "prompt, run by run (same folds and seeds), as mean ± std of the "
+    "differences and the runs it improved; `(means)` where a row saved "
+    "before the CSV listed its runs (`test_per_run`) allows only the "
+    "difference of the means. "
     "`protocol` says which protocol each cell's saved run used (`full`, "
     "`quick`, or `custom` for other settings); `not run` cells have no "
     "result yet. The CSV's `code_version` names the library commit each "
@@ -542,17 +560,54 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
       ]
     metric = "test MAE" if is_regression(dataset) else "test %"
     lines += [
-      f"| framework | prompt | {metric} | runs | protocol | framework figure "
-      "| anchor % | anchor source |",
-      "|---|---|---|---|---|---|---|---|",
+      f"| framework | prompt | {metric} | prompt effect | runs | protocol "
+      "| framework figure | anchor % | anchor source |",
+      "|---|---|---|---|---|---|---|---|---|",
     ]
+    alone = {row["framework"]: row for row in table if row["prompt"] == "none"}
     for row in table:
+      effect = prompt_effect(row, alone.get(row["framework"]))
       lines.append(
         f"| {row['framework']} | {row['prompt']} | {_result_text(row)} | "
-        f"{row['runs']} | {row['protocol']} | {row['framework_figure']} | "
-        f"{_anchor_text(row)} | {row['anchor_source']} |"
+        f"{effect} | {row['runs']} | {row['protocol']} | "
+        f"{row['framework_figure']} | {_anchor_text(row)} | "
+        f"{row['anchor_source']} |"
       )
   (results / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def _per_run_values(row) -> list[float]:
+  text = row.get("test_per_run", "")  # Absent from tables before it was.
+  return [float(value) for value in text.split(";")] if text else []
+
+
+def prompt_effect(row, alone) -> str:
+  """A prompt's row against its framework alone (`alone`, the same
+  dataset's prompt-free row): the test metric's difference run by run,
+  mean ± std and how many runs it improved (higher accuracy, lower MAE),
+  where both rows list the same runs; else the difference of the means,
+  marked so. Empty for prompt-free rows and unfinished pairs."""
+  if row["prompt"] == "none" or alone is None:
+    return ""
+  if not row["status"] == alone["status"] == "done":
+    return ""
+  regression = row["test_mae_mean"] != ""
+  digits = 3 if regression else 1
+  ours, theirs = _per_run_values(row), _per_run_values(alone)
+  paired = len(ours) == len(theirs) > 1 and (row["protocol"], row["runs"]) == (
+    alone["protocol"],
+    alone["runs"],
+  )
+  if not paired:
+    metric = "test_mae_mean" if regression else "test_acc_mean"
+    return f"{row[metric] - alone[metric]:+.{digits}f} (means)"
+  differences = np.subtract(ours, theirs)
+  better = np.sum(differences < 0 if regression else differences > 0)
+  return (
+    f"{differences.mean():+.{digits}f} ± "
+    f"{differences.std(ddof=1):.{digits}f} "
+    f"({better} of {len(differences)} better)"
+  )
 
 
 def _coverage_key(row) -> str:

@@ -4,6 +4,7 @@ import csv
 import json
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -55,7 +56,7 @@ def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
   # One run: the mean alone (no sample std), in the CSV and the table.
   assert qat["test_acc_std"] == ""
   mean = float(qat["test_acc_mean"])
-  assert f"| qat | none | {mean:.1f} | 1 run (seeds) |" in markdown
+  assert f"| qat | none | {mean:.1f} |  | 1 run (seeds) |" in markdown
   assert "| 79.2 ± 1.1 |" in markdown
 
   summary = out / "cora-gcn-qat-none" / "summary.json"
@@ -132,8 +133,8 @@ def test_regression_rows_report_mae(tmp_path):
   common = [f"--out={out}", f"--results={results}", "--table-only"]
   assert reproduce.main([*args, *common]) == 0
   markdown = (results / "full.md").read_text()
-  assert "| framework | prompt | test MAE | runs |" in markdown
-  assert "| qat | none | MAE 1.234 ± 0.050 | 4 runs (seeds) |" in markdown
+  assert "| framework | prompt | test MAE | prompt effect | runs |" in markdown
+  assert "| qat | none | MAE 1.234 ± 0.050 |  | 4 runs (seeds) |" in markdown
   assert (
     "- aqsol: GIN 4 x 110, 4 seeds x 100 epochs, the fixed split, Adam lr "
     "0.001 x 0.5 every 25 epochs, weight decay 0.0, l1 loss on standardised "
@@ -157,8 +158,9 @@ def test_plan_and_bad_names(capsys):
   assert "--prompts: unknown empty list" in capsys.readouterr().err
 
 
-def _fake_finished_cell(out, cell, accuracy):
-  """A cell's workdir with a summary, as a finished full-protocol run."""
+def _fake_finished_cell(out, cell, accuracy, per_run=None):
+  """A cell's workdir with a summary, as a finished full-protocol run
+  (listing its runs' test accuracies where `per_run` gives them)."""
   config = reproduce.cell_config(*cell, quick=False)
   workdir = out / reproduce.cell_name(*cell)
   workdir.mkdir(parents=True)
@@ -170,6 +172,8 @@ def _fake_finished_cell(out, cell, accuracy):
     "epoch_time_ms_median": 6.5,
     "config": json.loads(config.to_json_best_effort()),
   }
+  if per_run is not None:
+    summary["test_accs"] = per_run
   (workdir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -203,7 +207,7 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
     "not run",
   ]
   markdown = (results / "t.md").read_text()
-  assert "| qat | none | 75.3 ± 1.2 | 10 runs (seeds) | full |" in markdown
+  assert "| qat | none | 75.3 ± 1.2 |  | 10 runs (seeds) | full |" in markdown
   assert "## mutag, GIN" in markdown
   # The coverage table counts each dataset's cells by protocol or status.
   assert "| dataset | full | not run |" in markdown
@@ -260,3 +264,61 @@ def test_runs_saved_before_a_setting_that_changes_no_result_still_count():
   assert reproduce.differences(
     reproduce.relevant_config(saved), reproduce.relevant_config(wanted)
   ) == ["train.learning_rate: saved 0.5, wanted 0.01"]
+
+
+def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
+  """A prompt's row against its framework alone, run by run where both
+  rows list their runs; the difference of the means, marked, where the
+  framework's row was saved before the CSV listed them."""
+  out, results = tmp_path / "runs", tmp_path / "results"
+  alone = [0.70, 0.72, 0.74] + [0.7] * 7
+  with_lorap = [0.71, 0.72, 0.76] + [0.69] * 7  # +1, 0, +2, then -1 x 7.
+  _fake_finished_cell(out, ("cora", "gcn", "qat", "none"), 0.72, alone)
+  _fake_finished_cell(out, ("cora", "gcn", "qat", "lorap"), 0.7, with_lorap)
+  _fake_finished_cell(out, ("cora", "gcn", "dq", "none"), 0.75)
+  _fake_finished_cell(out, ("cora", "gcn", "dq", "lorap"), 0.7, with_lorap)
+  args = [
+    "--datasets=cora",
+    "--frameworks=qat,dq,a2q",
+    "--prompts=none,lorap",
+    f"--out={out}",
+    f"--results={results}",
+    "--table-only",
+  ]
+  assert reproduce.main(args) == 0
+  rows = {reproduce.cell_of(r): r for r in _read_csv(results / "full.csv")}
+  assert rows["cora", "gcn", "qat", "lorap"]["test_per_run"].startswith(
+    "71.0;72.0;76.0;69.0;"
+  )
+  markdown = (results / "full.md").read_text()
+  differences = np.array([1, 0, 2] + [-1] * 7)
+  paired = (
+    f"{differences.mean():+.1f} ± {differences.std(ddof=1):.1f} "
+    "(2 of 10 better)"
+  )
+  assert f"| qat | lorap | 70.0 ± 1.2 | {paired} | 10 runs (seeds) |" in (
+    markdown
+  )
+  assert "| qat | none | 72.0 ± 1.2 |  | 10 runs" in markdown
+  # Degree-Quant's prompt-free row lists no runs: the means, marked.
+  assert "| dq | lorap | 70.0 ± 1.2 | -5.0 (means) |" in markdown
+  # A2Q's rows are not run: no effect to state.
+  assert "| a2q | lorap | not run |  |" in markdown
+
+  # Regression: lower MAE is better.
+  lorap = _mae_row("lorap", [1.4, 1.3, 1.6])
+  effect = reproduce.prompt_effect(lorap, _mae_row("none", [1.5, 1.5, 1.5]))
+  assert effect == "-0.067 ± 0.153 (2 of 3 better)"  # -0.1, -0.2, +0.1
+
+
+def _mae_row(prompt, values):
+  """A finished regression row of the table, as the CSV holds it."""
+  return {
+    "status": "done",
+    "prompt": prompt,
+    "protocol": "full",
+    "runs": f"{len(values)} runs (seeds)",
+    "test_mae_mean": float(np.mean(values)),
+    "test_acc_mean": "",
+    "test_per_run": ";".join(map(str, values)),
+  }
