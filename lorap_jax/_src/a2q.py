@@ -36,6 +36,15 @@ FEATURE_POINTS = ("input", "aggregate", "output")
 CHANNEL_POINTS = ("weight", "xw")
 
 
+# Graph tasks: the step inits of the reference's GIN script (`qGIN`'s
+# para_list, |N(0.01, 0.1)| for weights and features); the dataclass
+# defaults are its node-level ones.
+GRAPH_STEP_INITS = {
+  "weight_step_init": (0.01, 0.1),
+  "feature_step_init": (0.01, 0.1),
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class A2QConfig:
   """Static A2Q settings (reference defaults for Cora GCN, section 3.6).

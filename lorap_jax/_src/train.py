@@ -138,11 +138,13 @@ def _a2q_config(config) -> qp.QuantConfig:
   """A2Q's quantizer at its own points (per channel / per node or pool)."""
   settings = config.a2q
   points = tuple(p.strip() for p in settings.points.split(",") if p)
+  transductive = data_lib.is_node_dataset(config.dataset)
   return qp.QuantConfig(
     points=points,
     gradient=settings.gradient,
     a2q=a2q.A2QConfig(
-      transductive=data_lib.is_node_dataset(config.dataset),
+      transductive=transductive,
+      **({} if transductive else a2q.GRAPH_STEP_INITS),
       quantize_first_input=settings.quantize_first_input,
       pool_size=settings.pool_size,
       local_gradient=settings.local_gradient,
