@@ -28,7 +28,9 @@ _MIXQ_DQ_GIN = (
 _MIXQ_A2Q_GIN = (
   "MixQ repo's A2Q logs, GIN 64 hidden, 4-bit start (frameworks.md 3.7)"
 )
-_A2Q_SELECTION = "max test accuracy over epochs, not validation-selected"
+_A2Q_SELECTION = (
+  "3 folds, max test accuracy over epochs, not validation-selected"
+)
 _MIXQ_FP32_GIN = "MixQ repo's FP32 GIN logs (frameworks.md 4.6)"
 _MIXQ_TU = "MixQ repo's TU logs, GIN (frameworks.md 4.6)"
 
