@@ -13,6 +13,7 @@ shapes, so every layer is jit-friendly and vmappable. FP32 is the same layer
 with quantization off.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -422,10 +423,13 @@ class QuantDense(_QuantLayer):
   Attributes:
     features: output width.
     use_bias: add a bias after the quantized product.
+    nonnegative_input: the input follows a ReLU; A2Q (`extra_bit_after_relu`)
+      then starts its input bits one wider.
   """
 
   features: int = 0
   use_bias: bool = True
+  nonnegative_input: bool = False
 
   @nn.compact
   def __call__(
@@ -437,7 +441,9 @@ class QuantDense(_QuantLayer):
     rows: RowMasks = ALL_ROWS,
   ):
     """[n, f] -> [n, features]; `rows` applies to the input and product."""
-    x = quantize_features(self, x, bits=bits, train=train, rows=rows)
+    x = quantize_features(
+      self, x, bits=self._input_bits(bits), train=train, rows=rows
+    )
     kernel = self.param(
       "kernel",
       nn.initializers.glorot_uniform(),
@@ -450,6 +456,16 @@ class QuantDense(_QuantLayer):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,))[None]
     return y
+
+  def _input_bits(self, bits):
+    a2q_config = self.quant.a2q
+    if (
+      self.nonnegative_input
+      and a2q_config is not None
+      and a2q_config.extra_bit_after_relu
+    ):
+      return bits + 1
+    return bits
 
 
 class QuantGCNConv(_QuantLayer):
@@ -532,6 +548,9 @@ class QuantGINConv(_QuantLayer):
   that grid (the first layer's raw features enter as they are). The MLP is
   Linear-ReLU-Linear-ReLU(-BatchNorm); in the first layer its first Linear
   is not quantized at all (`float_first_linear`), as in the reference.
+  A2Q's graph-level settings follow its own GIN script instead: that
+  Linear quantizes its weight, and every later layer quantizes its input
+  per channel before message passing (`A2QConfig`).
 
   A prompt acts on S = (1 + eps) x_i + S_hat, S_hat the quantized neighbour
   sum, and goes unquantized into the MLP, whose input point re-quantizes it
@@ -574,6 +593,7 @@ class QuantGINConv(_QuantLayer):
     x = graph.nodes
     if isinstance(x, SparseFeatures):
       x = x.to_dense()
+    x = self._a2q_input_channels(x, bits)
     n_nodes = x.shape[0]
     rows = node_row_masks(node_mask, protected)
     messages = self.qpoint(
@@ -595,10 +615,10 @@ class QuantGINConv(_QuantLayer):
     )
     real_rows = RowMasks(observe=node_mask)
     for i in range(2):
-      float_linear = i == 0 and self.float_first_linear
       h = QuantDense(
         features=self.features,
-        quant=quant_points.FP32 if float_linear else self.quant,
+        quant=self._mlp_quant(i),
+        nonnegative_input=i == 1,
         name=f"mlp_{i}",
       )(h, bits=bits, train=train, rows=real_rows)
       h = nn.relu(h)
@@ -608,6 +628,37 @@ class QuantGINConv(_QuantLayer):
       )
     h = self.qpoint("output", h, bits=bits, train=train, rows=rows)
     return graph._replace(nodes=h)
+
+  def _a2q_input_channels(self, x: jax.Array, bits) -> jax.Array:
+    """A2Q's per-channel quantizer of a later layer's input, or `x`.
+
+    The reference's graph-level GIN quantizes x^T with an XW quantizer
+    before message passing, so the self term and the messages share it.
+    """
+    a2q_config = self.quant.a2q
+    if (
+      a2q_config is None
+      or not a2q_config.gin_input_per_channel
+      or self.float_first_linear
+    ):
+      return x
+    return a2q.quantize_point(
+      self,
+      "xw",
+      x,
+      bits=bits,
+      config=a2q_config,
+      clipped=self.quant.gradient == "clipped",
+    )
+
+  def _mlp_quant(self, i: int) -> QuantConfig:
+    if i > 0 or not self.float_first_linear:
+      return self.quant
+    a2q_config = self.quant.a2q
+    if a2q_config is not None and a2q_config.quantize_first_gin_weight:
+      points = tuple(p for p in self.quant.points if p != "input")
+      return dataclasses.replace(self.quant, points=points)
+    return quant_points.FP32
 
 
 class QuantGATConv(_QuantLayer):

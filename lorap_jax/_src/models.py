@@ -301,7 +301,10 @@ class GNN(nn.Module):
     h = nn.relu(h)
     h = feature_dropout(self, h, cfg.readout_dropout, train)
     return layers.QuantDense(
-      features=cfg.num_classes, quant=self.quant, name="readout_1"
+      features=cfg.num_classes,
+      quant=self.quant,
+      nonnegative_input=True,
+      name="readout_1",
     )(h, bits=bits, train=train, rows=rows)
 
 

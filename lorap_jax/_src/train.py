@@ -144,7 +144,7 @@ def _a2q_config(config) -> qp.QuantConfig:
     gradient=settings.gradient,
     a2q=a2q.A2QConfig(
       transductive=transductive,
-      **({} if transductive else a2q.GRAPH_STEP_INITS),
+      **({} if transductive else a2q.GRAPH_TASK_SETTINGS),
       quantize_first_input=settings.quantize_first_input,
       pool_size=settings.pool_size,
       local_gradient=settings.local_gradient,
