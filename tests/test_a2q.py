@@ -431,7 +431,8 @@ def test_graph_gin_aggregates_the_per_channel_quantized_input():
   inner = state["intermediates"]
   x = np.asarray(inner["conv_0"]["__call__"][0].nodes)
   x_q = _numpy_quantize(x, step, 3.0)
-  assert np.mean(x_q != x) > 0.5  # The quantizer does change x.
+  nonzero = x != 0  # (Post-ReLU zeros stay zero.)
+  assert np.mean(x_q[nonzero] != x[nonzero]) > 0.9
   want = 1.25 * x_q
   np.add.at(want, np.asarray(graph.receivers), x_q[np.asarray(graph.senders)])
   real = np.asarray(jraph.get_node_padding_mask(graph))
