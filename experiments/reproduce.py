@@ -486,10 +486,13 @@ def merged_rows(fresh: dict, earlier: dict, out: pathlib.Path):
 def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
   """Writes `<results>/<name>.csv` and `.md`."""
   results.mkdir(parents=True, exist_ok=True)
-  with (results / f"{name}.csv").open("w", newline="") as file:
+  partial = results / f".{name}.csv.partial"
+  with partial.open("w", newline="") as file:
     writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
+  # A concurrent run never reads a half-written table.
+  partial.replace(results / f"{name}.csv")
   counts = {}
   for row in rows:
     key = _coverage_key(row)
@@ -732,10 +735,12 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out or default_run_directory(name))
   results = pathlib.Path(args.results)
   overrides = {"seeds": args.seeds, "folds": args.folds, "epochs": args.epochs}
-  earlier = earlier_rows(results, name)
   fresh = {cell: table_row(out, cell) for cell in cells}
 
   def write():
+    # Read again at every write: rows another process wrote (another run
+    # directory) or the user dropped since this run began stay as they are.
+    earlier = earlier_rows(results, name)
     table_cells, rows = merged_rows(fresh, earlier, out)
     write_tables(rows, table_cells, results, name, args.quick, overrides)
 

@@ -222,6 +222,44 @@ def test_the_table_keeps_earlier_finished_rows(tmp_path):
   assert _read_csv(results / "t.csv")[0]["test_acc_mean"] == "80.0"
 
 
+def test_a_run_keeps_rows_written_while_its_cells_trained(
+  tmp_path, monkeypatch
+):
+  """Another run's row, written to the same table while this run trained
+  a cell, survives this run's next write; a row the user dropped in the
+  meantime stays dropped."""
+  results = tmp_path / "results"
+  mine, other = tmp_path / "mine", tmp_path / "other"
+  cora = ("cora", "gcn", "qat", "none")
+  mutag, ptc = ("mutag", "gin", "fp32", "none"), ("ptc", "gin", "fp32", "none")
+  _fake_finished_cell(other, mutag, 0.9)
+  _fake_finished_cell(other, ptc, 0.6)
+  common = [f"--results={results}", "--name=t"]
+  other_args = ["--frameworks=fp32", f"--out={other}", *common, "--table-only"]
+  assert reproduce.main(["--datasets=ptc", *other_args]) == 0
+
+  def train_while_the_table_changes(config, workdir, *, reuse):
+    del config, reuse
+    assert reproduce.main(["--datasets=mutag", *other_args]) == 0
+    kept = [r for r in _read_csv(results / "t.csv") if r["dataset"] != "ptc"]
+    with (results / "t.csv").open("w", newline="") as file:
+      writer = csv.DictWriter(file, fieldnames=reproduce.CSV_COLUMNS)
+      writer.writeheader()
+      writer.writerows(kept)
+    _fake_finished_cell(mine, cora, 0.75)
+    assert workdir == mine / reproduce.cell_name(*cora)
+    return "trained"
+
+  monkeypatch.setattr(reproduce, "run_cell", train_while_the_table_changes)
+  cora_args = ["--datasets=cora", "--frameworks=qat", "--prompts=none"]
+  assert reproduce.main([*cora_args, f"--out={mine}", *common]) == 0
+  rows = {reproduce.cell_of(r): r for r in _read_csv(results / "t.csv")}
+  assert set(rows) == {cora, mutag}
+  assert rows[cora]["test_acc_mean"] == "75.0"
+  assert rows[mutag]["test_acc_mean"] == "90.0"
+  assert not list(results.glob(".*partial"))
+
+
 def test_quick_and_full_tables_default_to_their_own_run_directories(
   tmp_path, monkeypatch
 ):
