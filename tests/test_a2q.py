@@ -440,6 +440,34 @@ def test_graph_gin_aggregates_the_per_channel_quantized_input():
   np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-6)
 
 
+def test_graph_gin_input_steps_learn_from_the_local_gradient():
+  """As the reference's graph-level `q_xw`: the layer input's steps follow
+  sign(x_q - x), not the loss, so scaling the loss leaves their gradient
+  unchanged while the weights' doubles."""
+  model = _graph_gin_a2q(hidden=8)
+  graph = _two_path_graphs_padded(3)
+  bits = jnp.asarray(4.0)
+  variables = model.init(jax.random.key(0), graph, bits=bits)
+
+  def loss(params, scale):
+    logits, _ = model.apply(
+      {**variables, "params": params},
+      graph,
+      bits=bits,
+      mutable=[a2q.FEATURE_MEMORY],
+    )
+    return scale * jnp.sum(logits[0] * jnp.array([1.0, -2.0]))
+
+  once, twice = (jax.grad(loss)(variables["params"], k) for k in (1.0, 2.0))
+  step_once = np.asarray(once["conv_1"]["a2q_xw_step"])
+  assert np.all(step_once != 0)
+  np.testing.assert_array_equal(twice["conv_1"]["a2q_xw_step"], step_once)
+  weight_once = np.asarray(once["conv_1"]["mlp_0"]["kernel"])
+  np.testing.assert_allclose(
+    twice["conv_1"]["mlp_0"]["kernel"], 2 * weight_once, rtol=1e-5
+  )
+
+
 def test_a2q_learns_on_imdb_binary(data_dir, tmp_path):
   """With an XW point at 4 bits (steps ~0.01) every product clipped and
   IMDB-BINARY's training loss stayed at ln 2 for 40 epochs."""

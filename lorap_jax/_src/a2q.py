@@ -14,9 +14,10 @@ with hand-written gradients (inside means |x| <= q_max * s):
 Granularity: weights and XW get one (s, b) per output channel; node features
 one per node (transductive node tasks) or, for graph tasks, one of a pool
 of M pairs chosen per node by the nearest-neighbour rule. For node-task
-features and XW the "local gradient" replaces the task gradient of s and b
-by that of the L1 quantization error, sign(x_q - x), averaged over the
-feature axis: most nodes of a semi-supervised task get no task gradient.
+features and for XW quantizers (node and graph tasks, as both reference
+scripts) the "local gradient" replaces the task gradient of s and b by
+that of the L1 quantization error, sign(x_q - x), averaged over the
+other axis: most nodes of a semi-supervised task get no task gradient.
 """
 
 import dataclasses
@@ -74,7 +75,8 @@ class A2QConfig:
     gin_input_per_channel: every GIN layer but the first quantizes its input
       per channel before message passing (the reference's graph-level
       `q_xw` on x transposed): an "xw" quantizer, so its steps start at
-      `xw_step_init`, learn at the XW rate, and its bits stay frozen.
+      `xw_step_init` and learn at the XW rate from the local gradient,
+      and its bits stay frozen.
     extra_bit_after_relu: a Linear whose input follows a ReLU starts that
       input one bit wider (the reference's `all_positive` QLinear): the
       signed grid then has as many levels above zero as an unsigned grid
@@ -267,7 +269,7 @@ def quantize_point(
     bit_param = shared_param(
       module, f"a2q_{name}_bits", _constant_init(bits), (1, flat.shape[1])
     )
-    local = config.local_gradient and name == "xw" and config.transductive
+    local = config.local_gradient and name == "xw"
     y = quantize(flat, jnp.abs(step), jnp.abs(bit_param), local, clipped)
     return y.reshape(x.shape)
   if name not in FEATURE_POINTS:
