@@ -468,6 +468,41 @@ def test_graph_gin_input_steps_learn_from_the_local_gradient():
   )
 
 
+def test_graph_pools_meet_their_target_per_entry_in_use():
+  """A pool point's INT4 budget is 4 bits per entry the batch uses (the
+  memory counts those entries): inputs after a ReLU, starting at 5 bits,
+  exceed it by one bit per entry, the others meet it exactly."""
+  model = _graph_gin_a2q(hidden=8)
+  graph = _two_path_graphs_padded(3)
+  bits = jnp.asarray(4.0)
+  variables = model.init(jax.random.key(0), graph, bits=bits)
+  _, sown = model.apply(
+    variables, graph, bits=bits, mutable=[a2q.FEATURE_MEMORY]
+  )
+  excess = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
+    kb, kb_per_bit = np.asarray(leaf)
+    name = "/".join(str(getattr(k, "key", k)) for k in path[1:-1])
+    entries = kb_per_bit * 8192 / 8  # width 8 everywhere here
+    assert entries == int(entries) and 1 <= entries <= 9, (name, entries)
+    excess[name] = kb / kb_per_bit - 4.0
+  np.testing.assert_allclose(
+    [excess[k] for k in sorted(excess)],
+    [
+      1.0 if k.endswith("mlp_1/input") or k == "readout_1/input" else 0.0
+      for k in sorted(excess)
+    ],
+    rtol=1e-6,
+  )
+  assert set(excess) == {
+    "conv_0/mlp_1/input",
+    "conv_1/mlp_0/input",
+    "conv_1/mlp_1/input",
+    "readout_0/input",
+    "readout_1/input",
+  }
+
+
 def test_a2q_learns_on_imdb_binary(data_dir, tmp_path):
   """With an XW point at 4 bits (steps ~0.01) every product clipped and
   IMDB-BINARY's training loss stayed at ln 2 for 40 epochs."""

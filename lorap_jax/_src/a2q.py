@@ -69,7 +69,8 @@ class A2QConfig:
       quantization error instead of the task loss.
     memory_weight: lambda of the memory penalty (``--a_loss``).
     memory_target_kb: the feature memory the penalty allows (``--a_storage``);
-      None: `target_average_bits` bits per feature element.
+      None: `target_average_bits` bits per stored feature element (per
+      node of a node task; per pool entry in use in a graph task).
     target_average_bits: the allowed memory as an average bit width, which
       does not depend on the graph's size or the hidden width.
     gin_input_per_channel: every GIN layer but the first quantizes its input
@@ -253,9 +254,10 @@ def quantize_point(
   created on first use; `bits` is only their initial bit width. Feature
   points sow their memory into `FEATURE_MEMORY` for the penalty: width *
   sum of |b| / 8192 KB, over the real nodes (`observe`) of a node task, or
-  over the pool entries the real nodes of a batch use. The reference
-  multiplies by the hidden width at every layer; this uses each tensor's
-  own width.
+  over the pool entries the real nodes of a batch use (with the KB per
+  bit of those same rows or entries, for the average-width target). The
+  reference multiplies by the hidden width at every layer; this uses each
+  tensor's own width.
 
   Raises:
     ValueError: for a point A2Q does not quantize (messages).
@@ -297,6 +299,7 @@ def quantize_point(
     )
     local = config.local_gradient
     memory_bits = jnp.sum(node_bits[:, 0] * observed)
+    stored_rows = jnp.sum(observed)
   else:
     pool_step = shared_param(
       module, f"a2q_{name}_step", step_init, (config.pool_size,)
@@ -311,9 +314,12 @@ def quantize_point(
     # The reference counts each pool entry a batch uses once.
     used = jnp.zeros(config.pool_size).at[entry].max(observed)
     memory_bits = jnp.sum(used * jnp.abs(pool_bits))
+    stored_rows = jnp.sum(used)
   y = quantize(flat, step, node_bits, local, clipped)
   # (memory in KB, KB per bit of average width) of this point.
-  kb_per_bit = flat.shape[1] * jnp.sum(observed) / 8192.0
+  # The KB per bit counts what the memory counts: nodes, or pool entries
+  # (so a pool's target is an average over the entries in use).
+  kb_per_bit = flat.shape[1] * stored_rows / 8192.0
   memory = jnp.stack([flat.shape[1] * memory_bits / 8192.0, kb_per_bit])
   sow_once(module, FEATURE_MEMORY, name, memory)
   return y
