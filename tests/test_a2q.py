@@ -479,9 +479,10 @@ def test_graph_pools_meet_their_target_per_entry_in_use():
   _, sown = model.apply(
     variables, graph, bits=bits, mutable=[a2q.FEATURE_MEMORY]
   )
-  excess = {}
+  excess, stored = {}, np.zeros(2)
   for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
-    kb, kb_per_bit = np.asarray(leaf)
+    kb, kb_per_bit, *stored_bits = np.asarray(leaf)
+    stored += stored_bits
     name = "/".join(str(getattr(k, "key", k)) for k in path[1:-1])
     entries = kb_per_bit * 8192 / 8  # width 8 everywhere here
     assert entries == int(entries) and 1 <= entries <= 9, (name, entries)
@@ -501,6 +502,11 @@ def test_graph_pools_meet_their_target_per_entry_in_use():
     "readout_0/input",
     "readout_1/input",
   }
+  # Stored widths, per real node (9) or graph (2) and feature (8): 5 bits
+  # after a ReLU, 4 elsewhere.
+  np.testing.assert_allclose(
+    stored, [8 * (9 * 14 + 2 * 9), 8 * (9 * 3 + 2 * 2)]
+  )
 
 
 def test_a2q_learns_on_imdb_binary(data_dir, tmp_path):
@@ -510,7 +516,9 @@ def test_a2q_learns_on_imdb_binary(data_dir, tmp_path):
   config.quant.framework = "a2q"
   config.folds, config.seeds, config.train.epochs = 1, 1, 30
   config.data_dir = str(data_dir)
-  lorap_jax.train_and_evaluate(config, tmp_path)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  # Stored widths start at 5 after a ReLU (5 of 9 node points) and 4 else.
+  assert 4.4 < summary["a2q_average_feature_bits"] < 4.7
   losses = [
     json.loads(line)["train_loss"]
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines()

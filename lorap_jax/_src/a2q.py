@@ -252,7 +252,10 @@ def quantize_point(
 
   Parameters (in "params", named ``a2q_<point>_step`` / ``_bits``) are
   created on first use; `bits` is only their initial bit width. Feature
-  points sow their memory into `FEATURE_MEMORY` for the penalty: width *
+  points sow [memory KB, KB per bit, stored bits, stored elements] into
+  `FEATURE_MEMORY`: the last two, the rounded widths (at least 1) the
+  real nodes' features take and their count, give the average stored
+  width. The memory, for the penalty, is width *
   sum of |b| / 8192 KB, over the real nodes (`observe`) of a node task, or
   over the pool entries the real nodes of a batch use (with the KB per
   bit of those same rows or entries, for the average-width target). The
@@ -316,11 +319,21 @@ def quantize_point(
     memory_bits = jnp.sum(used * jnp.abs(pool_bits))
     stored_rows = jnp.sum(used)
   y = quantize(flat, step, node_bits, local, clipped)
-  # (memory in KB, KB per bit of average width) of this point.
+  width = flat.shape[1]
   # The KB per bit counts what the memory counts: nodes, or pool entries
   # (so a pool's target is an average over the entries in use).
-  kb_per_bit = flat.shape[1] * stored_rows / 8192.0
-  memory = jnp.stack([flat.shape[1] * memory_bits / 8192.0, kb_per_bit])
+  kb_per_bit = width * stored_rows / 8192.0
+  # What the real nodes' features take, entry by entry, for reporting.
+  node_widths = jnp.maximum(jnp.round(node_bits[:, 0]), 1.0)
+  stored_bits = width * jnp.sum(node_widths * observed)
+  memory = jnp.stack(
+    [
+      width * memory_bits / 8192.0,
+      kb_per_bit,
+      stored_bits,
+      width * jnp.sum(observed),
+    ]
+  )
   sow_once(module, FEATURE_MEMORY, name, memory)
   return y
 
@@ -329,8 +342,8 @@ def memory_penalty(memory: jax.Array, config: A2QConfig) -> jax.Array:
   """lambda * ReLU(M_feat - M_target)^2, section 3.5.
 
   Args:
-    memory: the sum of what the feature points sowed: (M_feat in KB, KB
-      per bit of average width).
+    memory: the sum of what the feature points sowed, starting (M_feat in
+      KB, KB per bit of average width).
     config: the penalty's weight and target.
   """
   target = config.memory_target_kb

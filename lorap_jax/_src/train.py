@@ -1796,7 +1796,10 @@ def framework_figures(config, dataset, records) -> dict:
 
   Degree-Quant: the expected fraction of (real) nodes protected per forward
   pass in training, the mean over nodes of p_v. A2Q: the average learned
-  feature bit width of the selected models (mean over runs). MixQ: each
+  feature bit width of the selected models (mean over runs): per node and
+  feature of every feature point over the dataset's graphs in graph tasks,
+  where most of a pool's entries serve no node; in node tasks the mean
+  over the per-node widths, the same thing there. MixQ: each
   run's selected widths, their mean, and (node tasks) the estimated bit
   operations of one forward pass of the fixed model.
   """
@@ -1804,7 +1807,12 @@ def framework_figures(config, dataset, records) -> dict:
   if quant.mixq is not None:
     return _mixq_figures(config, dataset, records)
   if quant.a2q is not None:
-    bits = [a2q.average_feature_bits(r.state.params) for r in records]
+    if isinstance(dataset, data_lib.NodeDataset):
+      bits = [a2q.average_feature_bits(r.state.params) for r in records]
+    else:
+      bits = [
+        _a2q_stored_feature_bits(config, dataset, r.state) for r in records
+      ]
     return {"a2q_average_feature_bits": float(np.mean(bits))}
   if quant.protection is None:
     return {}
@@ -1814,6 +1822,33 @@ def framework_figures(config, dataset, records) -> dict:
     graph = jraph.batch_np(list(dataset.graphs))
   probability = degree_quant.protection_probability(graph, quant.protection)
   return {"dq_protected_fraction": float(jnp.mean(probability))}
+
+
+def _a2q_stored_feature_bits(config, dataset, state) -> float:
+  """The mean rounded width of a real node's stored feature, over every
+  A2Q feature point and every graph of `dataset`."""
+  batch_size = config.train.batch_size
+  budgets = data_lib.make_budgets(dataset.graphs, batch_size)
+  every_graph = np.arange(len(dataset.graphs))
+  stored = np.zeros(2)
+  for batch in data_lib.iterate_batches(
+    dataset, every_graph, batch_size, budgets, shuffle=False
+  ):
+    stored += np.asarray(_stored_feature_bits(state, batch.graph))
+  return float(stored[0] / stored[1])
+
+
+@jax.jit
+def _stored_feature_bits(state: TrainState, graph) -> jax.Array:
+  """(stored bits, stored elements) of one batch, from A2Q's sown memory."""
+  _, sown = state.apply_fn(
+    state.variables(),
+    graph,
+    bits=state.bits,
+    train=False,
+    mutable=[a2q.FEATURE_MEMORY],
+  )
+  return sum(jax.tree.leaves(sown[a2q.FEATURE_MEMORY]))[2:]
 
 
 def _mixq_figures(config, dataset, records) -> dict:
