@@ -561,7 +561,9 @@ class QuantGINConv(_QuantLayer):
     features: output width.
     prompt: post-aggregation hook or None.
     batch_norm: end the MLP with BatchNorm over the real (unpadded) nodes.
-    float_first_linear: the MLP's first Linear in FP32 (the first layer).
+    float_first_linear: the first layer: its MLP's first Linear in FP32
+      (A2Q's graph settings quantize that Linear's weight), and no A2Q
+      per-channel input quantizer.
   """
 
   features: int = 0
