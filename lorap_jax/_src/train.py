@@ -1841,14 +1841,19 @@ def _a2q_stored_feature_bits(config, dataset, state) -> float:
 @jax.jit
 def _stored_feature_bits(state: TrainState, graph) -> jax.Array:
   """(stored bits, stored elements) of one batch, from A2Q's sown memory."""
+  return sum(jax.tree.leaves(_sown(state, graph, a2q.FEATURE_MEMORY)))[2:]
+
+
+def _sown(state: TrainState, graph, collection: str):
+  """What an evaluation forward pass sows into `collection`."""
   _, sown = state.apply_fn(
     state.variables(),
     graph,
     bits=state.bits,
     train=False,
-    mutable=[a2q.FEATURE_MEMORY],
+    mutable=[collection],
   )
-  return sum(jax.tree.leaves(sown[a2q.FEATURE_MEMORY]))[2:]
+  return sown[collection]
 
 
 def _mixq_figures(config, dataset, records) -> dict:
@@ -1863,20 +1868,11 @@ def _mixq_figures(config, dataset, records) -> dict:
     graph, _ = node_inputs(dataset, config)
     counts = []
     for record, chosen in zip(records, selections, strict=True):
-      state = record.state
-      _, sown = state.apply_fn(
-        state.variables(),
-        graph,
-        bits=state.bits,
-        train=False,
-        mutable=[mixq.OPERATIONS],
-      )
-      counts.append(mixq.bit_operations(sown[mixq.OPERATIONS], chosen))
+      operations = _sown(record.state, graph, mixq.OPERATIONS)
+      counts.append(mixq.bit_operations(operations, chosen))
     figures["mixq_bit_operations"] = float(np.mean(counts))
     # The same forward pass at 32 bits everywhere, for the reduction factor.
-    figures["mixq_bit_operations_fp32"] = mixq.bit_operations(
-      sown[mixq.OPERATIONS], {}
-    )
+    figures["mixq_bit_operations_fp32"] = mixq.bit_operations(operations, {})
   return figures
 
 
