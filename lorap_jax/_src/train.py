@@ -1810,9 +1810,8 @@ def framework_figures(config, dataset, records) -> dict:
     if isinstance(dataset, data_lib.NodeDataset):
       bits = [a2q.average_feature_bits(r.state.params) for r in records]
     else:
-      bits = [
-        _a2q_stored_feature_bits(config, dataset, r.state) for r in records
-      ]
+      graphs = list(_every_graph_batch(config, dataset))
+      bits = [_a2q_stored_feature_bits(r.state, graphs) for r in records]
     return {"a2q_average_feature_bits": float(np.mean(bits))}
   if quant.protection is None:
     return {}
@@ -1824,17 +1823,21 @@ def framework_figures(config, dataset, records) -> dict:
   return {"dq_protected_fraction": float(jnp.mean(probability))}
 
 
-def _a2q_stored_feature_bits(config, dataset, state) -> float:
-  """The mean rounded width of a real node's stored feature, over every
-  A2Q feature point and every graph of `dataset`."""
+def _every_graph_batch(config, dataset):
+  """Padded batches of every graph of a graph dataset, in order."""
   batch_size = config.train.batch_size
   budgets = data_lib.make_budgets(dataset.graphs, batch_size)
   every_graph = np.arange(len(dataset.graphs))
-  stored = np.zeros(2)
   for batch in data_lib.iterate_batches(
     dataset, every_graph, batch_size, budgets, shuffle=False
   ):
-    stored += np.asarray(_stored_feature_bits(state, batch.graph))
+    yield batch.graph
+
+
+def _a2q_stored_feature_bits(state, graphs) -> float:
+  """The mean rounded width of a real node's stored feature, over every
+  A2Q feature point and every graph of `graphs` (padded batches)."""
+  stored = sum(np.asarray(_stored_feature_bits(state, g)) for g in graphs)
   return float(stored[0] / stored[1])
 
 
