@@ -28,9 +28,12 @@ holds every cell.
 """
 
 import argparse
+import contextlib
 import csv
 import datetime
+import fcntl
 import json
+import os
 import pathlib
 import platform
 import sys
@@ -483,10 +486,23 @@ def merged_rows(fresh: dict, earlier: dict, out: pathlib.Path):
   return cells, rows
 
 
+@contextlib.contextmanager
+def table_lock(results: pathlib.Path, name: str):
+  """Holds `<results>/.<name>.lock`: runs that share a table take turns to
+  read, merge and write it, so none drops a row another just wrote."""
+  results.mkdir(parents=True, exist_ok=True)
+  with (results / f".{name}.lock").open("w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
   """Writes `<results>/<name>.csv` and `.md`."""
   results.mkdir(parents=True, exist_ok=True)
-  partial = results / f".{name}.csv.partial"
+  partial = results / f".{name}.csv.{os.getpid()}.partial"
   with partial.open("w", newline="") as file:
     writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -740,9 +756,10 @@ def main(argv=None) -> int:
   def write():
     # Read again at every write: rows another process wrote (another run
     # directory) or the user dropped since this run began stay as they are.
-    earlier = earlier_rows(results, name)
-    table_cells, rows = merged_rows(fresh, earlier, out)
-    write_tables(rows, table_cells, results, name, args.quick, overrides)
+    with table_lock(results, name):
+      earlier = earlier_rows(results, name)
+      table_cells, rows = merged_rows(fresh, earlier, out)
+      write_tables(rows, table_cells, results, name, args.quick, overrides)
 
   write()
   if args.table_only:

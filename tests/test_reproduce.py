@@ -3,6 +3,8 @@
 import csv
 import json
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -257,6 +259,41 @@ def test_a_run_keeps_rows_written_while_its_cells_trained(
   assert set(rows) == {cora, mutag}
   assert rows[cora]["test_acc_mean"] == "75.0"
   assert rows[mutag]["test_acc_mean"] == "90.0"
+  assert not list(results.glob(".*partial"))
+
+
+def test_runs_writing_one_table_at_once_keep_each_others_rows(
+  tmp_path, monkeypatch
+):
+  """Two runs that write the same table at the same moment take turns:
+  each reads the table after the other wrote it, so both rows stay."""
+  results = tmp_path / "results"
+  cells = [("mutag", "gin", "fp32", "none"), ("ptc", "gin", "fp32", "none")]
+  for cell in cells:
+    _fake_finished_cell(tmp_path / "out", cell, 0.7)
+  read_table = reproduce.earlier_rows
+
+  def slow_read(results, name):
+    rows = read_table(results, name)
+    time.sleep(0.3)  # long enough for the other run to read the same table
+    return rows
+
+  monkeypatch.setattr(reproduce, "earlier_rows", slow_read)
+  codes = []
+
+  def write_table(dataset):
+    args = [f"--datasets={dataset}", "--frameworks=fp32", "--table-only"]
+    common = [f"--out={tmp_path / 'out'}", f"--results={results}", "--name=t"]
+    codes.append(reproduce.main([*args, *common]))
+
+  runs = [threading.Thread(target=write_table, args=(c[0],)) for c in cells]
+  for run in runs:
+    run.start()
+  for run in runs:
+    run.join()
+  assert codes == [0, 0]
+  rows = {reproduce.cell_of(r): r for r in _read_csv(results / "t.csv")}
+  assert set(rows) == set(cells)
   assert not list(results.glob(".*partial"))
 
 
