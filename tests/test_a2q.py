@@ -409,6 +409,30 @@ def test_graph_gin_places_quantizers_as_the_reference_script():
   assert groups["a2q_xw_bits"] == "a2q_frozen"
 
 
+def test_node_gin_places_quantizers_as_the_reference_script():
+  """`qGINConv.py`: the first layer's Linear quantizes its input per node
+  and its weight; a later layer's input is quantized per channel before
+  message passing, by an XW quantizer with frozen bits."""
+  config = lorap_jax.get_config("cora")
+  config.model.architecture, config.model.hidden = "gin", 8
+  config.quant.framework, config.prompt.kind = "a2q", "none"
+  model = lorap_jax.create_model(config, num_classes=3, task="node")
+  graph = _path_graph(5, 4)
+  params = model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))["params"]
+  first, second = params["conv_0"], params["conv_1"]
+  assert "a2q_xw_step" not in first
+  assert first["mlp_0"]["a2q_input_bits"].shape == (5, 1)
+  assert first["mlp_0"]["a2q_weight_step"].shape == (1, 8)
+  assert second["a2q_xw_step"].shape == (1, 8)
+  np.testing.assert_array_equal(second["a2q_xw_bits"], np.full((1, 8), 4.0))
+  # Node tasks start every input at `bits`, after a ReLU or not.
+  assert np.all(second["mlp_1"]["a2q_input_bits"] == 4.0)
+  groups = train.parameter_groups(params)
+  assert groups["conv_1"]["a2q_xw_step"] == "a2q_step_xw"
+  assert groups["conv_1"]["a2q_xw_bits"] == "a2q_frozen"
+  assert groups["conv_0"]["mlp_0"]["a2q_input_bits"] == "a2q_bits_feature"
+
+
 def test_graph_gin_aggregates_the_per_channel_quantized_input():
   """Layer 2 sums (1 + eps) x_q + sum_j x_q,j with x_q the previous
   layer's output quantized per channel (the self term shares it)."""

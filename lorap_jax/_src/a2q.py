@@ -37,18 +37,16 @@ FEATURE_POINTS = ("input", "aggregate", "output")
 CHANNEL_POINTS = ("weight", "xw")
 
 
-# Graph tasks: what the reference's GIN script (`lr_gin_reddit_binary.py`)
-# does beyond its QLinear points: its step inits (`qGIN`'s para_list,
-# |N(0.01, 0.1)| for weights and features), the per-channel quantizer of
-# every later layer's input, the wider start of post-ReLU inputs and the
-# quantized weight of the first Linear. The dataclass defaults are the
-# node-level script's.
+# Graph tasks: where the reference's graph-level GIN script
+# (`lr_gin_reddit_binary.py`) differs from the node-level scripts, whose
+# settings are the dataclass defaults: its step inits (`qGIN`'s para_list,
+# |N(0.01, 0.1)| for weights and features), the wider start of post-ReLU
+# inputs, and the first Linear's input left in FP32.
 GRAPH_TASK_SETTINGS = {
   "weight_step_init": (0.01, 0.1),
   "feature_step_init": (0.01, 0.1),
-  "gin_input_per_channel": True,
   "extra_bit_after_relu": True,
-  "quantize_first_gin_weight": True,
+  "quantize_first_gin_input": False,
 }
 
 
@@ -74,16 +72,20 @@ class A2QConfig:
     target_average_bits: the allowed memory as an average bit width, which
       does not depend on the graph's size or the hidden width.
     gin_input_per_channel: every GIN layer but the first quantizes its input
-      per channel before message passing (the reference's graph-level
-      `q_xw` on x transposed): an "xw" quantizer, so its steps start at
-      `xw_step_init` and learn at the XW rate from the local gradient,
-      and its bits stay frozen.
+      per channel before message passing (both reference GIN scripts'
+      `q_xw` on x transposed, `quant_fea=True` on every layer but the
+      first): an "xw" quantizer, so its steps start at `xw_step_init` and
+      learn at the XW rate from the local gradient, and its bits stay
+      frozen.
     extra_bit_after_relu: a Linear whose input follows a ReLU starts that
       input one bit wider (the reference's `all_positive` QLinear): the
       signed grid then has as many levels above zero as an unsigned grid
       of `bits`. The memory penalty counts the extra bit.
     quantize_first_gin_weight: the first GIN layer's first Linear quantizes
-      its weight; its input (raw features) stays FP32.
+      its weight (both reference GIN scripts).
+    quantize_first_gin_input: that Linear also quantizes its input, the
+      first aggregate, per node (the node-level `qGINConv.py`; the
+      graph-level script keeps it in FP32).
   """
 
   transductive: bool = True
@@ -96,9 +98,10 @@ class A2QConfig:
   memory_weight: float = 2.5
   memory_target_kb: float | None = None
   target_average_bits: float = 4.0
-  gin_input_per_channel: bool = False
+  gin_input_per_channel: bool = True
   extra_bit_after_relu: bool = False
-  quantize_first_gin_weight: bool = False
+  quantize_first_gin_weight: bool = True
+  quantize_first_gin_input: bool = True
 
   def __post_init__(self):
     if self.pool_size < 1:

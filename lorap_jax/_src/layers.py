@@ -548,9 +548,11 @@ class QuantGINConv(_QuantLayer):
   that grid (the first layer's raw features enter as they are). The MLP is
   Linear-ReLU-Linear-ReLU(-BatchNorm); in the first layer its first Linear
   is not quantized at all (`float_first_linear`), as in the reference.
-  A2Q's graph-level settings follow its own GIN script instead: that
-  Linear quantizes its weight, and every later layer quantizes its input
-  per channel before message passing (`A2QConfig`).
+  A2Q follows its own GIN scripts instead: that Linear quantizes its
+  weight (and in node tasks its input, per node), and every later layer
+  quantizes its input per channel before message passing (`A2QConfig`).
+  The node-level script's update is one QLinear-ReLU; ours keeps the MLP
+  every framework shares.
 
   A prompt acts on S = (1 + eps) x_i + S_hat, S_hat the quantized neighbour
   sum, and goes unquantized into the MLP, whose input point re-quantizes it
@@ -562,8 +564,8 @@ class QuantGINConv(_QuantLayer):
     prompt: post-aggregation hook or None.
     batch_norm: end the MLP with BatchNorm over the real (unpadded) nodes.
     float_first_linear: the first layer: its MLP's first Linear in FP32
-      (A2Q's graph settings quantize that Linear's weight), and no A2Q
-      per-channel input quantizer.
+      (A2Q quantizes that Linear's weight, and in node tasks its input),
+      and no A2Q per-channel input quantizer.
   """
 
   features: int = 0
@@ -657,10 +659,12 @@ class QuantGINConv(_QuantLayer):
     if i > 0 or not self.float_first_linear:
       return self.quant
     a2q_config = self.quant.a2q
-    if a2q_config is not None and a2q_config.quantize_first_gin_weight:
-      points = tuple(p for p in self.quant.points if p != "input")
-      return dataclasses.replace(self.quant, points=points)
-    return quant_points.FP32
+    if a2q_config is None or not a2q_config.quantize_first_gin_weight:
+      return quant_points.FP32
+    if a2q_config.quantize_first_gin_input:
+      return self.quant
+    points = tuple(p for p in self.quant.points if p != "input")
+    return dataclasses.replace(self.quant, points=points)
 
 
 class QuantGATConv(_QuantLayer):
