@@ -142,6 +142,21 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       r"train.padding_growth=0.9 must be 0 \(three coarse padding sizes\)",
     ),
     (["--dataset=mutag", "--first-fold=-1"], "first_fold=-1 must be"),
+    (["--dataset=cora", "--lr=-0.01"], r"train.learning_rate=-0.01 must be"),
+    (["--dataset=cora", "--weight-decay=-1"], "train.weight_decay=-1.0 must"),
+    (["--dataset=cora", "--prompt-lr=nan"], "prompt.learning_rate=nan must"),
+    (
+      ["--dataset=cora", "--framework=a2q", "--set", "a2q.lr_step_xw=-1e-3"],
+      r"a2q.lr_step_xw=-0.001 must be a finite number >= 0",
+    ),
+    (
+      ["--dataset=mutag", "--set", "train.lr_decay_factor=0"],
+      r"train.lr_decay_factor=0.0 must be in \(0, 1\]",
+    ),
+    (
+      ["--dataset=mutag", "--set", "train.lr_decay_every=-5"],
+      "train.lr_decay_every=-5 must be an integer >= 0",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):

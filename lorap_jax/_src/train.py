@@ -3,6 +3,8 @@
 import functools
 import importlib.metadata
 import json
+import math
+import numbers
 import os
 import pathlib
 import subprocess
@@ -1471,6 +1473,10 @@ def mean_and_std(values) -> tuple[float, float]:
   return float(values.mean()), std
 
 
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _validate(config) -> None:
   """Refuses bad settings before any data is read or anything compiled."""
   quant_config(config)
@@ -1495,6 +1501,23 @@ def _validate(config) -> None:
     raise ValueError(
       "train.trainable='prompts' with framework mixq: MixQ's width search "
       "and FP32 stage train the backbone; use another framework"
+    )
+  for _, _, section, field in _hyperparameter_paths(config):
+    value = config[section][field]
+    if not _is_real(value) or not 0 <= value < math.inf:
+      raise ValueError(
+        f"{section}.{field}={value!r} must be a finite number >= 0"
+      )
+  decay_every = config.train.lr_decay_every
+  decay_factor = config.train.lr_decay_factor
+  if not isinstance(decay_every, int) or decay_every < 0:
+    raise ValueError(
+      f"train.lr_decay_every={decay_every!r} must be an integer >= 0 "
+      "(epochs between decays; 0: none)"
+    )
+  if not _is_real(decay_factor) or not 0 < decay_factor <= 1:
+    raise ValueError(
+      f"train.lr_decay_factor={decay_factor!r} must be in (0, 1]"
     )
   for name in ("epochs", "seeds", "folds", "batch_size"):
     section = config if name in ("seeds", "folds") else config.train
