@@ -6,6 +6,7 @@ last section checks what is handled rather than refused.
 """
 
 import collections
+import gzip
 import pickle
 import re
 import shutil
@@ -18,7 +19,7 @@ import pytest
 import lorap_jax
 from lorap_jax._src import cli, models
 from lorap_jax._src import data as data_lib
-from lorap_jax._src.data import files
+from lorap_jax._src.data import files, superpixels
 
 
 def _copy(data_dir, tmp_path, relative):
@@ -192,6 +193,59 @@ def test_malformed_tu_files(data_dir, tmp_path, no_checksums, case):
   _edit_lines(folder / f"MUTAG_{part}.txt", edit)
   with pytest.raises(data_lib.DataFileError, match=message):
     data_lib.load_tu("MUTAG", tmp_path)
+
+
+def _idx(magic, shape, payload=None):
+  """Bytes of an IDX file: magic, the dimensions, then uint8 data."""
+  header = np.array([magic, *shape], dtype=">u4").tobytes()
+  if payload is None:
+    payload = bytes(int(np.prod(shape)))
+  return header + payload
+
+
+MNIST_CASES = {
+  "not_gzip": (
+    b"plain bytes",
+    _idx(2049, [3]),
+    r"Cannot read .*t10k-images-idx3-ubyte\.gz",
+  ),
+  "short_header": (
+    gzip.compress(b"\x00\x00\x08\x03"),
+    _idx(2049, [3]),
+    r"t10k-images-idx3-ubyte\.gz is too short for an IDX header",
+  ),
+  "labels_as_images": (
+    gzip.compress(_idx(2049, [3, 28, 28])),
+    _idx(2049, [3]),
+    r"t10k-images-idx3-ubyte\.gz has magic number 2049, expected 2051",
+  ),
+  "truncated": (
+    gzip.compress(_idx(2051, [3, 28, 28])[:-5]),
+    _idx(2049, [3]),
+    r"holds 2363 bytes after decompression, expected 2368 .*truncated",
+  ),
+  "not_28_by_28": (
+    gzip.compress(_idx(2051, [3, 28, 27])),
+    _idx(2049, [3]),
+    r"images of shape \(28, 27\), not MNIST's 28 x 28",
+  ),
+  "fewer_labels": (
+    gzip.compress(_idx(2051, [3, 28, 28])),
+    _idx(2049, [2]),
+    r"holds 3 images but .*t10k-labels-idx1-ubyte\.gz holds 2 labels",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(MNIST_CASES))
+def test_malformed_mnist_files(tmp_path, no_checksums, case):
+  images, labels, message = MNIST_CASES[case]
+  raw = tmp_path / "mnist" / "raw"
+  raw.mkdir(parents=True)
+  (raw / "t10k-images-idx3-ubyte.gz").write_bytes(images)
+  (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+  with pytest.raises(data_lib.DataFileError, match=message):
+    superpixels.read_mnist(tmp_path, "test")
 
 
 # --- Datasets built by hand ---------------------------------------------------

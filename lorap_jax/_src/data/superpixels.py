@@ -171,10 +171,15 @@ def read_mnist(
   labels_path = require_file(data_dir, f"mnist/raw/{labels_name}")
   images = _read_idx(images_path, 2051, 3)
   labels = _read_idx(labels_path, 2049, 1)
-  if len(images) != len(labels) or images.shape[1:] != (28, 28):
+  if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
     raise DataFileError(
-      f"{images_path} holds images of shape {images.shape} but "
-      f"{labels_path} holds {len(labels)} labels."
+      f"{images_path} holds images of shape {images.shape[1:]}, not MNIST's "
+      f"{IMAGE_SIZE} x {IMAGE_SIZE}."
+    )
+  if len(images) != len(labels):
+    raise DataFileError(
+      f"{images_path} holds {len(images)} images but {labels_path} holds "
+      f"{len(labels)} labels."
     )
   return images, labels
 
