@@ -6,6 +6,7 @@ last section checks what is handled rather than refused.
 """
 
 import collections
+import csv
 import gzip
 import pickle
 import re
@@ -246,6 +247,105 @@ def test_malformed_mnist_files(tmp_path, no_checksums, case):
   (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
   with pytest.raises(data_lib.DataFileError, match=message):
     superpixels.read_mnist(tmp_path, "test")
+
+
+def _rewrite_aqsol_csv(path, edit):
+  """Rewrites the AqSol CSV through `edit(header, rows)` on parsed cells."""
+  with path.open(newline="", encoding="utf-8") as f:
+    header, *rows = list(csv.reader(f))
+  edit(header, rows)
+  with path.open("w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows([header, *rows])
+
+
+def _set_first_row(column, value):
+  def edit(header, rows):
+    rows[0][header.index(column)] = value
+
+  return edit
+
+
+def _rename_column(old, new):
+  def edit(header, rows):
+    header[header.index(old)] = new
+
+  return edit
+
+
+# Each case edits one file of a copy of aqsol/ whose training rows are cut
+# to the first two (row 0 among them), so a good file costs little.
+AQSOL_CASES = {
+  "csv_without_targets": (
+    "csv",
+    _rename_column("Solubility", "LogS"),
+    r"curated-solubility-dataset\.csv has no column\(s\) \['Solubility'\]",
+  ),
+  "csv_target_not_a_number": (
+    "csv",
+    _set_first_row("Solubility", "insoluble"),
+    r"curated-solubility-dataset\.csv, line 2: could not convert .*insoluble",
+  ),
+  "unknown_element": (
+    "csv",
+    _set_first_row("SMILES", "[Og]"),
+    r"row 0: 'Og' has no entry in the AqSol atom or bond dictionary",
+  ),
+  "unparsable_smiles": (
+    "csv",
+    _set_first_row("SMILES", "C1CC"),
+    r"row 0: RDKit cannot parse the SMILES 'C1CC'",
+  ),
+  "row_not_an_integer": (
+    "rows",
+    "x\n",
+    r"train\.txt: invalid literal for int\(\) .*'x'",
+  ),
+  "row_beyond_the_csv": (
+    "rows",
+    "0\n9982\n",
+    r"train\.txt: row 9982 is outside the 9982 rows of curated",
+  ),
+  "val_not_a_list": (
+    "val",
+    {"molecules": 1},
+    r"val\.pickle should hold a list of molecules",
+  ),
+  "val_entry_not_a_molecule": (
+    "val",
+    [(1, 2)],
+    r"val\.pickle, molecule 0: expected \(atom types, bond types, edge_index",
+  ),
+  "val_self_loops": (
+    "val",
+    [([0, 1], [1, 1], [[0, 1], [0, 1]], -1.0)],
+    r"AqSol val molecule 0: the edges must list every bond once in each "
+    r"direction, without self-loops",
+  ),
+  "val_atom_type_outside_the_dictionary": (
+    "val",
+    [([0, 999], [1, 1], [[0, 1], [1, 0]], -1.0)],
+    r"An AqSol atom type is outside 0\.\.64",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(AQSOL_CASES))
+def test_malformed_aqsol_files(data_dir, tmp_path, no_checksums, case):
+  pytest.importorskip("rdkit")
+  part, change, message = AQSOL_CASES[case]
+  folder = _copy(data_dir, tmp_path, "aqsol")
+  rows = folder / "derived_split_rows" / "train.txt"
+  rows.write_text("0\n15\n")
+  if part == "csv":
+    _rewrite_aqsol_csv(folder / "curated-solubility-dataset.csv", change)
+  elif part == "rows":
+    rows.write_text(change)
+  else:
+    (folder / "asqol_graph_raw" / "val.pickle").write_bytes(
+      pickle.dumps(change)
+    )
+  with pytest.raises(data_lib.DataFileError, match=message):
+    data_lib.load_dataset("aqsol", tmp_path)
 
 
 # --- Datasets built by hand ---------------------------------------------------
