@@ -8,6 +8,7 @@ import logging
 import pathlib
 import pickle
 import sys
+import zipfile
 
 import jraph
 import numpy as np
@@ -275,6 +276,85 @@ def test_npz_errors(tmp_path, data_dir):
   (tmp_path / "broken.npz").write_bytes(b"not a zip file")
   with pytest.raises(data.DataFileError, match=r"not an \.npz"):
     data.load_npz_graph(tmp_path / "broken.npz")
+
+
+def _gallery_with(**changes):
+  """Writes the toy graph in the GraphGallery layout with `changes` applied
+  to its (adjacency, features, labels)."""
+  adjacency, features, labels = _toy_graph()
+  parts = dict(adjacency=adjacency, features=features, labels=labels)
+  parts.update(changes)
+  return lambda path: _save_gallery(path, **parts)
+
+
+def _benchmark_without(*keys, **changes):
+  """Writes the toy graph in gnn-benchmark's layout, less `keys`, with
+  the arrays `changes` names replaced."""
+
+  def save(path):
+    _save_benchmark(path, *_toy_graph())
+    arrays = dict(np.load(path))
+    arrays.update(changes)
+    np.savez(path, **{k: v for k, v in arrays.items() if k not in keys})
+
+  return save
+
+
+def _corrupt_member(path):
+  """The toy graph whose labels member is not an .npy array."""
+  _benchmark_without("labels")(path)
+  with zipfile.ZipFile(path, "a") as archive:
+    archive.writestr("labels.npy", b"not an array")
+
+
+NPZ_CASES = {
+  "adjacency_not_square": (
+    _gallery_with(adjacency=scipy.sparse.csr_matrix(np.ones((180, 181)))),
+    r"the adjacency is \(180, 181\), not square",
+  ),
+  "features_for_fewer_nodes": (
+    _gallery_with(features=scipy.sparse.csr_matrix(np.ones((179, 4)))),
+    r"180 nodes in the adjacency, but features of shape \(179, 4\)",
+  ),
+  "multi_label": (
+    _gallery_with(labels=np.ones((180, 3), np.int64)),
+    r"labels of shape \(180, 3\)",
+  ),
+  "float_labels": (
+    _gallery_with(labels=np.zeros(180, np.float32)),
+    r"labels must be integers \(one class per node\), found dtype float32",
+  ),
+  "negative_label": (
+    _gallery_with(labels=np.r_[-1, np.zeros(179, np.int64)]),
+    r"label -1 is negative; every node needs a class",
+  ),
+  "adjacency_not_a_matrix": (
+    _gallery_with(adjacency=np.zeros(180)),
+    r"'adj_matrix' should hold a sparse or dense 2-D matrix, found ndarray",
+  ),
+  "no_features": (
+    _benchmark_without(
+      "attr_data", "attr_indices", "attr_indptr", "attr_shape"
+    ),
+    r"has no node features \(attr_\*\)",
+  ),
+  "broken_csr": (
+    _benchmark_without(adj_indptr=np.array([0, 1])),
+    r"the adj_\* arrays are not a valid CSR matrix",
+  ),
+  "member_not_an_array": (
+    _corrupt_member,
+    r"Cannot read array 'labels' of .*toy\.npz",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(NPZ_CASES))
+def test_malformed_npz_files(tmp_path, case):
+  save, message = NPZ_CASES[case]
+  save(tmp_path / "toy.npz")
+  with pytest.raises(data.DataFileError, match=message):
+    data.load_npz_graph(tmp_path / "toy.npz")
 
 
 def test_fixed_split_datasets_ignore_the_seed():

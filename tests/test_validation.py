@@ -130,6 +130,19 @@ def _write_toy(root, text, num_graphs=2):
     ),
     # A node line that lists fewer neighbours than it declares.
     ("1\n2 0\n0 3 1\n0 1 0\n", r"line 3: the node declares 3 neighbours but"),
+    # A negative neighbour count.
+    ("1\n2 0\n0 -1\n0 0\n", r"line 3: the node declares -1 neighbours"),
+    # A node line without its neighbour count.
+    (
+      "1\n2 0\n0\n0 0\n",
+      r"line 3: expected a node line `tag num_neighbours neighbours\.\.\.`, "
+      r"found 1 value\(s\)",
+    ),
+    # Continuous features on one node only: a neighbour count is wrong.
+    (
+      "1\n2 0\n0 1 1 0.5\n0 1 0\n",
+      r"line 4: the node has 0 values after its neighbours but line 3 has 1",
+    ),
   ],
 )
 def test_malformed_gin_file(tmp_path, text, message):
@@ -139,6 +152,21 @@ def test_malformed_gin_file(tmp_path, text, message):
 
 
 # edit of one TU file (part, lines -> lines), expected message.
+@pytest.mark.parametrize(
+  ("text", "message"),
+  [
+    ("0\n0\n", r"train_idx-1\.txt lists a graph index twice"),
+    ("5\n", r"train_idx-1\.txt: graph index 5 is outside 0\.\.1"),
+    ("one\n", r"train_idx-1\.txt, line 1: 'one' is not a number"),
+  ],
+)
+def test_malformed_gin_fold_file(tmp_path, text, message):
+  _write_toy(tmp_path, "2\n1 0\n0 0\n1 1\n0 0\n")
+  (tmp_path / "gin/TOY/10fold_idx/train_idx-1.txt").write_text(text)
+  with pytest.raises(data_lib.DataFileError, match=message):
+    data_lib.load_gin_format("TOY", tmp_path)
+
+
 TU_CASES = {
   "indicator_line_missing": (
     "graph_indicator",
