@@ -323,6 +323,13 @@ def test_post_training_refuses_bad_sources(trained_run, tmp_path):
     lorap_jax.post_train_prompts(config, tmp_path / "nothing", tmp_path / "o")
   with pytest.raises(ValueError, match="trained run's own workdir"):
     lorap_jax.post_train_prompts(config, source, source)
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "config.json").write_text('{"dataset": "cora", ')
+  with pytest.raises(
+    ValueError, match=r"damaged/config\.json is not valid JSON"
+  ):
+    lorap_jax.post_training_config(damaged)
   hidden = lorap_jax.post_training_config(source)
   hidden.model.hidden = 32
   with pytest.raises(ValueError, match=r"model\.hidden: saved 64, now 32"):
