@@ -232,35 +232,36 @@ def _idx(magic, shape, payload=None):
   return header + payload
 
 
+# name: (the images file, how many labels, the message)
 MNIST_CASES = {
   "not_gzip": (
     b"plain bytes",
-    _idx(2049, [3]),
+    3,
     r"Cannot read .*t10k-images-idx3-ubyte\.gz",
   ),
   "short_header": (
     gzip.compress(b"\x00\x00\x08\x03"),
-    _idx(2049, [3]),
+    3,
     r"t10k-images-idx3-ubyte\.gz is too short for an IDX header",
   ),
   "labels_as_images": (
     gzip.compress(_idx(2049, [3, 28, 28])),
-    _idx(2049, [3]),
+    3,
     r"t10k-images-idx3-ubyte\.gz has magic number 2049, expected 2051",
   ),
   "truncated": (
     gzip.compress(_idx(2051, [3, 28, 28])[:-5]),
-    _idx(2049, [3]),
+    3,
     r"holds 2363 bytes after decompression, expected 2368 .*truncated",
   ),
   "not_28_by_28": (
     gzip.compress(_idx(2051, [3, 28, 27])),
-    _idx(2049, [3]),
+    3,
     r"images of shape \(28, 27\), not MNIST's 28 x 28",
   ),
   "fewer_labels": (
     gzip.compress(_idx(2051, [3, 28, 28])),
-    _idx(2049, [2]),
+    2,
     r"holds 3 images but .*t10k-labels-idx1-ubyte\.gz holds 2 labels",
   ),
 }
@@ -268,10 +269,11 @@ MNIST_CASES = {
 
 @pytest.mark.parametrize("case", list(MNIST_CASES))
 def test_malformed_mnist_files(tmp_path, no_checksums, case):
-  images, labels, message = MNIST_CASES[case]
+  images, num_labels, message = MNIST_CASES[case]
   raw = tmp_path / "mnist" / "raw"
   raw.mkdir(parents=True)
   (raw / "t10k-images-idx3-ubyte.gz").write_bytes(images)
+  labels = _idx(2049, [num_labels])
   (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
   with pytest.raises(data_lib.DataFileError, match=message):
     superpixels.read_mnist(tmp_path, "test")
