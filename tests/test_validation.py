@@ -151,7 +151,6 @@ def test_malformed_gin_file(tmp_path, text, message):
     data_lib.load_gin_format("TOY", tmp_path)
 
 
-# edit of one TU file (part, lines -> lines), expected message.
 @pytest.mark.parametrize(
   ("text", "message"),
   [
@@ -167,6 +166,7 @@ def test_malformed_gin_fold_file(tmp_path, text, message):
     data_lib.load_gin_format("TOY", tmp_path)
 
 
+# edit of one TU file (part, lines -> lines), expected message.
 TU_CASES = {
   "indicator_line_missing": (
     "graph_indicator",
@@ -224,12 +224,10 @@ def test_malformed_tu_files(data_dir, tmp_path, no_checksums, case):
     data_lib.load_tu("MUTAG", tmp_path)
 
 
-def _idx(magic, shape, payload=None):
-  """Bytes of an IDX file: magic, the dimensions, then uint8 data."""
+def _idx(magic, shape):
+  """Bytes of an IDX file: magic, the dimensions, then zero uint8 data."""
   header = np.array([magic, *shape], dtype=">u4").tobytes()
-  if payload is None:
-    payload = bytes(int(np.prod(shape)))
-  return header + payload
+  return header + bytes(int(np.prod(shape)))
 
 
 # name: (the images file, how many labels, the message)
