@@ -157,6 +157,19 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       ["--dataset=mutag", "--set", "train.lr_decay_every=-5"],
       "train.lr_decay_every=-5 must be an integer >= 0",
     ),
+    (["--dataset=cora", "--set", "train.epochs"], "must look like KEY=VALUE"),
+    (
+      ["--dataset=cora", "--set", "model.dropout=1.0"],
+      r"dropout=1.0 must be in \[0, 1\)",
+    ),
+    (
+      ["--dataset=mutag", "--set", "model.readout=sort"],
+      "readout='sort' is not one of",
+    ),
+    (
+      ["--dataset=cora", "--model=gat", "--hidden=10", "--set=model.heads=4"],
+      "hidden=10 must be a multiple of heads=4",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):
@@ -165,6 +178,16 @@ def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "lorap: error:" in err
   assert re.search(message, err), err
+
+
+def test_model_settings_are_checked_as_the_model_uses_them():
+  config = lorap_jax.get_config("cora")
+  config.model.architecture = "gat"
+  config.model.hidden, config.model.heads = 12, 4
+  # The early check once compared the width with the default 8 heads.
+  train._validate(config)
+  model = train.create_model(config, num_classes=7, task="node")
+  assert (model.model.hidden, model.model.heads) == (12, 4)
 
 
 def test_cli_refuses_folds_the_dataset_lacks(data_dir, tmp_path, capsys):

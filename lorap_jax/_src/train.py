@@ -229,7 +229,18 @@ def create_model(
     ValueError: on unknown architecture, framework or prompt names, bits
       outside 1..16, or ranks / prompt counts below 1.
   """
-  model_config = models.ModelConfig(
+  return _model(
+    model_config(config, num_classes=num_classes, task=task),
+    quant_config(config),
+    prompt_config(config),
+  )
+
+
+def model_config(
+  config: ml_collections.ConfigDict, *, num_classes: int, task: str
+) -> models.ModelConfig:
+  """The `ModelConfig` of a run; refuses bad widths, rates and names."""
+  return models.ModelConfig(
     architecture=config.model.architecture,
     task=task,
     num_classes=num_classes,
@@ -242,7 +253,6 @@ def create_model(
     batch_norm=config.model.batch_norm,
     readout=config.model.readout,
   )
-  return _model(model_config, quant_config(config), prompt_config(config))
 
 
 @functools.cache
@@ -1481,9 +1491,9 @@ def _validate(config) -> None:
   """Refuses bad settings before any data is read or anything compiled."""
   quant_config(config)
   prompt_config(config)
-  models.ModelConfig(
-    architecture=config.model.architecture, hidden=config.model.hidden
-  )
+  # The class count is the data's; every other field is checked here.
+  task = "node" if data_lib.is_node_dataset(config.dataset) else "graph"
+  model_config(config, num_classes=1, task=task)
   if config.train.selection not in SELECTIONS:
     raise ValueError(
       f"selection={config.train.selection!r} is not one of {SELECTIONS}"
