@@ -170,6 +170,15 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       ["--dataset=cora", "--model=gat", "--hidden=10", "--set=model.heads=4"],
       "hidden=10 must be a multiple of heads=4",
     ),
+    (
+      ["--dataset=cora", "--framework=a2q", "--set=quant.points=input,weight"],
+      "quant.points='input,weight' does not apply to framework 'a2q': set "
+      "a2q.points",
+    ),
+    (
+      ["--dataset=cora", "--framework=a2q", "--set=a2q.points=input,message"],
+      r"A2Q quantizes the points .*, not \['message'\]",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):

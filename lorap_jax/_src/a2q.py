@@ -37,6 +37,18 @@ FEATURE_POINTS = ("input", "aggregate", "output")
 CHANNEL_POINTS = ("weight", "xw")
 
 
+def check_points(points: tuple[str, ...]) -> None:
+  """Refuses points A2Q does not quantize (messages: one row per edge)."""
+  other = [
+    name for name in points if name not in CHANNEL_POINTS + FEATURE_POINTS
+  ]
+  if other:
+    raise ValueError(
+      f"A2Q quantizes the points {CHANNEL_POINTS + FEATURE_POINTS}, not "
+      f"{other}; drop them from its points (a2q.points in a run's config)"
+    )
+
+
 # Graph tasks: where the reference's graph-level GIN script
 # (`lr_gin_reddit_binary.py`) differs from the node-level scripts, whose
 # settings are the dataclass defaults: its step inits (`qGIN`'s para_list,
@@ -280,11 +292,7 @@ def quantize_point(
     local = config.local_gradient and name == "xw"
     y = quantize(flat, jnp.abs(step), jnp.abs(bit_param), local, clipped)
     return y.reshape(x.shape)
-  if name not in FEATURE_POINTS:
-    raise ValueError(
-      f"A2Q quantizes the points {CHANNEL_POINTS + FEATURE_POINTS}, not "
-      f"{name!r}; drop it from quant.points"
-    )
+  check_points((name,))
   if x.ndim != 2:
     raise ValueError(
       f"A2Q quantizes node features [n_nodes, d] per node; the point {name!r} "

@@ -196,6 +196,7 @@ def get_config(dataset: str = "cora") -> ml_collections.ConfigDict:
   config.quant = ml_collections.ConfigDict()
   config.quant.framework = "qat"  # One of FRAMEWORKS.
   config.quant.bits = 4
+  # Plain QAT's and Degree-Quant's points; A2Q and MixQ set their own.
   config.quant.points = "input,weight,xw,message,aggregate,output"
   config.quant.calibration = "ema"  # "ema", "running" or "percentile".
   # Degree-Quant's EMA momentum 0.01 assumes many mini-batch steps per

@@ -12,6 +12,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 
+from lorap_jax._src import a2q as a2q_lib
 from lorap_jax._src import quantization as q
 from lorap_jax._src.a2q import A2QConfig
 from lorap_jax._src.degree_quant import DegreeProtection
@@ -62,6 +63,8 @@ class QuantConfig:
       raise ValueError(
         f"unknown quantization points {unknown}; known: {POINT_NAMES}"
       )
+    if self.a2q is not None:
+      a2q_lib.check_points(self.points)
     if self.calibration.mode not in q.CALIBRATION_MODES:
       raise ValueError(
         f"calibration={self.calibration.mode!r} is not one of "

@@ -118,6 +118,13 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     return qp.FP32
   q.check_bits(config.quant.bits)
   points = tuple(p.strip() for p in config.quant.points.split(",") if p)
+  if framework in ("a2q", "mixq") and set(points) != set(qp.POINT_NAMES):
+    # Each has its own field; a silently ignored setting would mislead.
+    raise ValueError(
+      f"quant.points={config.quant.points!r} does not apply to framework "
+      f"{framework!r}: set {framework}.points (now "
+      f"{config[framework].points!r})"
+    )
   if framework == "dq":
     return _degree_quant_config(config, points)
   if framework == "a2q":
