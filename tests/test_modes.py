@@ -345,6 +345,19 @@ def test_post_training_refuses_bad_sources(trained_run, tmp_path):
   none = lorap_jax.post_training_config(source)
   with pytest.raises(ValueError, match="trains nothing"):
     lorap_jax.post_train_prompts(none, source, tmp_path / "o3")
+  # Sources of what post-training does not cover: the saved config is enough.
+  for name, dataset, framework, message in [
+    ("graph", "mutag", "qat", "supports node tasks; mutag is a graph task"),
+    ("staged", "cora", "mixq", "post-training a MixQ run is not supported"),
+  ]:
+    saved = lorap_jax.get_config(dataset)
+    saved.quant.framework = framework
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.json").write_text(saved.to_json_best_effort())
+    uncovered = lorap_jax.post_training_config(tmp_path / name)
+    uncovered.prompt.kind = "lorap"
+    with pytest.raises(ValueError, match=message):
+      lorap_jax.post_train_prompts(uncovered, tmp_path / name, tmp_path / "o")
   # A source whose checkpoint does not fit the model it claims.
   broken = tmp_path / "broken"
   broken.mkdir()
