@@ -199,6 +199,17 @@ def test_model_settings_are_checked_as_the_model_uses_them():
   assert (model.model.hidden, model.model.heads) == (12, 4)
 
 
+@pytest.mark.parametrize(
+  "framework, field", [("qat", "quant"), ("a2q", "a2q"), ("mixq", "mixq")]
+)
+def test_points_settings_drop_blank_entries(framework, field):
+  config = lorap_jax.get_config("cora")
+  config.quant.framework = framework
+  config[field].points = " input , weight, "
+  # A blank between commas once became a point named ''.
+  assert train.quant_config(config).points == ("input", "weight")
+
+
 def test_cli_refuses_folds_the_dataset_lacks(data_dir, tmp_path, capsys):
   """Checked against the loaded dataset's folds, so it needs the data."""
   flags = ["--dataset=mutag", "--first-fold=8", "--folds=3"]

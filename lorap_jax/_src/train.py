@@ -117,7 +117,7 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
   if framework == "fp32":
     return qp.FP32
   q.check_bits(config.quant.bits)
-  points = tuple(p.strip() for p in config.quant.points.split(",") if p)
+  points = _parse_points(config.quant.points)
   if framework in ("a2q", "mixq") and set(points) != set(qp.POINT_NAMES):
     # Each has its own field; a silently ignored setting would mislead.
     raise ValueError(
@@ -143,10 +143,15 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
   )
 
 
+def _parse_points(text: str) -> tuple[str, ...]:
+  """The names in a comma list, blanks dropped; QuantConfig checks them."""
+  return tuple(name for name in (p.strip() for p in text.split(",")) if name)
+
+
 def _a2q_config(config) -> qp.QuantConfig:
   """A2Q's quantizer at its own points (per channel / per node or pool)."""
   settings = config.a2q
-  points = tuple(p.strip() for p in settings.points.split(",") if p)
+  points = _parse_points(settings.points)
   transductive = data_lib.is_node_dataset(config.dataset)
   return qp.QuantConfig(
     points=points,
@@ -178,7 +183,7 @@ def _mixq_config(config) -> qp.QuantConfig:
       f"{settings.selected!r} must be 'b1,b2,...' and 'component=bits,...'"
     ) from error
   return qp.QuantConfig(
-    points=tuple(p.strip() for p in settings.points.split(",") if p),
+    points=_parse_points(settings.points),
     gradient="clipped",
     mixq=mixq.MixQConfig(
       candidates=candidates,
