@@ -179,6 +179,25 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       ["--dataset=cora", "--framework=a2q", "--set=a2q.points=input,message"],
       r"A2Q quantizes the points .*, not \['message'\]",
     ),
+    (
+      ["--dataset=cora", "--framework=a2q", "--set=quant.gradient=identity"],
+      "quant.gradient='identity' does not apply to framework 'a2q', which "
+      "uses learned steps",
+    ),
+    (
+      [
+        "--dataset=mutag",
+        "--framework=dq",
+        "--set=quant.calibration=running",
+        "--set=quant.momentum=0.5",
+      ],
+      "quant.calibration='running', quant.momentum=0.5 does not apply to "
+      "framework 'dq', which uses percentile ranges at dq.percentile",
+    ),
+    (
+      ["--dataset=cora", "--framework=mixq", "--set=quant.rounding=half_away"],
+      "quant.rounding='half_away' does not apply to framework 'mixq'",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):
@@ -208,6 +227,14 @@ def test_points_settings_drop_blank_entries(framework, field):
   config[field].points = " input , weight, "
   # A blank between commas once became a point named ''.
   assert train.quant_config(config).points == ("input", "weight")
+
+
+def test_degree_quant_reads_the_rounding_setting():
+  config = lorap_jax.get_config("mutag")
+  config.quant.framework = "dq"
+  config.quant.rounding = "half_away"
+  # Refused for A2Q and MixQ, which do not read it; Degree-Quant does.
+  assert train.quant_config(config).rounding == "half_away"
 
 
 def test_cli_refuses_folds_the_dataset_lacks(data_dir, tmp_path, capsys):

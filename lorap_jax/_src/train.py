@@ -125,6 +125,7 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
       f"{framework!r}: set {framework}.points (now "
       f"{config[framework].points!r})"
     )
+  _refuse_fields_it_does_not_read(config)
   if framework == "dq":
     return _degree_quant_config(config, points)
   if framework == "a2q":
@@ -141,6 +142,41 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     rounding=config.quant.rounding,
     gradient=config.quant.gradient,
   )
+
+
+# The `quant` fields a framework does not read (plain QAT reads them all),
+# and what it uses instead.
+_UNREAD_QUANT_FIELDS = {
+  "dq": (
+    ("calibration", "momentum", "percentile", "gradient"),
+    "percentile ranges at dq.percentile and its clipped_inner STE",
+  ),
+  "a2q": (
+    ("calibration", "momentum", "percentile", "rounding", "gradient"),
+    "learned steps and widths; its STE is a2q.gradient",
+  ),
+  "mixq": (
+    ("calibration", "momentum", "percentile", "rounding", "gradient"),
+    "learned scales and zero points",
+  ),
+}
+
+
+def _refuse_fields_it_does_not_read(config) -> None:
+  """A changed setting that the framework ignores would mislead; refuse it."""
+  framework = config.quant.framework
+  fields, instead = _UNREAD_QUANT_FIELDS.get(framework, ((), ""))
+  defaults = config_lib.get_config(config.dataset).quant
+  changed = [
+    f"quant.{name}={config.quant[name]!r}"
+    for name in fields
+    if config.quant[name] != defaults[name]
+  ]
+  if changed:
+    raise ValueError(
+      f"{', '.join(changed)} does not apply to framework {framework!r}, "
+      f"which uses {instead}"
+    )
 
 
 def _parse_points(text: str) -> tuple[str, ...]:
