@@ -68,7 +68,15 @@ def test_grid_resolves_left_out_axes_from_the_config():
     ({"train.sampler": "neighbor"}, {}, NotImplementedError, "sampler"),
     ({"quant.framework": "mixq"}, {}, NotImplementedError, "in stages"),
     ({"quant.framework": "fp32"}, {"bits": [4, 8]}, ValueError, "fp32"),
-    ({"prompt.kind": "none"}, {"rank": [2, 4]}, ValueError, "prompt none"),
+    ({"prompt.kind": "none"}, {"rank": [2, 4]}, ValueError, "prompt 'none'"),
+    # GPF has one prompt vector and GPF-plus no low-rank factors.
+    ({"prompt.kind": "gpf"}, {"num_prompts": [4, 8]}, ValueError, "'gpf';"),
+    (
+      {"prompt.kind": "gpf-plus"},
+      {"rank": [2, 4]},
+      ValueError,
+      "only lorap, gpf-lorap read it",
+    ),
   ],
 )
 def test_configs_the_sweep_does_not_cover_are_refused(

@@ -453,6 +453,13 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+# The prompt kinds whose modules read each structural prompt axis.
+_PROMPTS_READING = {
+  "rank": ("lorap", "gpf-lorap"),
+  "num_prompts": ("gpf-plus", "lorap", "gpf-lorap"),
+}
+
+
 def _check_grid_for_config(config, values: Mapping[str, tuple]) -> None:
   swept = {name for name, v in values.items() if len(v) > 1}
   if config.quant.framework == "fp32" and "bits" in swept:
@@ -465,10 +472,12 @@ def _check_grid_for_config(config, values: Mapping[str, tuple]) -> None:
       "sweep axes 'learning_rate' and 'weight_decay' have no effect with "
       "train.trainable='prompts'"
     )
-  if config.prompt.kind == "none" and swept & {"rank", "num_prompts"}:
-    raise ValueError(
-      "sweep axes 'rank' and 'num_prompts' have no effect with prompt none"
-    )
+  for axis, kinds in _PROMPTS_READING.items():
+    if axis in swept and config.prompt.kind not in kinds:
+      raise ValueError(
+        f"sweep axis {axis!r} has no effect with prompt "
+        f"{config.prompt.kind!r}; only {', '.join(kinds)} read it"
+      )
 
 
 def _structural_names(config) -> tuple[str, ...]:
