@@ -195,6 +195,14 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       "framework 'dq', which uses percentile ranges at dq.percentile",
     ),
     (
+      ["--dataset=mutag", "--vmap-seeds"],
+      "vmap_seeds=True: a graph task trains its runs one after another",
+    ),
+    (
+      ["--dataset=cora", "--framework=mixq", "--vmap-seeds"],
+      "vmap_seeds=True: MixQ's staged schedule trains",
+    ),
+    (
       ["--dataset=cora", "--framework=mixq", "--set=quant.rounding=half_away"],
       "quant.rounding='half_away' does not apply to framework 'mixq'",
     ),

@@ -1555,6 +1555,14 @@ def _validate(config) -> None:
       "train.trainable='prompts' with prompt kind 'none' trains nothing; "
       "choose a prompt (e.g. --prompt lorap) or train.trainable='all'"
     )
+  staged = config.quant.framework == "mixq"
+  if config.vmap_seeds and (task == "graph" or staged):
+    # Either would train its runs one after another, ignoring the flag.
+    what = "a graph task" if task == "graph" else "MixQ's staged schedule"
+    raise ValueError(
+      f"vmap_seeds=True: {what} trains its runs one after another; set "
+      "vmap_seeds=False (lorap sweep vmaps seeds of any task)"
+    )
   if config.train.trainable == "prompts" and config.quant.framework == "mixq":
     raise ValueError(
       "train.trainable='prompts' with framework mixq: MixQ's width search "
