@@ -4,9 +4,12 @@ import json
 
 import chex
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import jraph
 import numpy as np
+import optax
 import pytest
 
 import lorap_jax
@@ -247,3 +250,52 @@ def test_bad_mixq_strings_are_refused():
   config.mixq.candidates = "2,four"
   with pytest.raises(ValueError, match=r"mixq\.candidates=.2,four."):
     train.quant_config(config)
+
+
+def _complete_graphs_padded(sizes, features: int) -> jraph.GraphsTuple:
+  """Complete graphs (dense, as IMDB's ego networks), one-hot features."""
+  rng = np.random.default_rng(0)
+  graphs = []
+  for n in sizes:
+    senders, receivers = np.nonzero(~np.eye(n, dtype=bool))
+    graphs.append(
+      jraph.GraphsTuple(
+        nodes=np.eye(features, dtype=np.float32)[rng.integers(0, features, n)],
+        edges=None,
+        senders=senders.astype(np.int32),
+        receivers=receivers.astype(np.int32),
+        globals=None,
+        n_node=np.array([n], np.int32),
+        n_edge=np.array([len(senders)], np.int32),
+      )
+    )
+  batch = jraph.batch_np(graphs)
+  return jraph.pad_with_graphs(
+    batch, sum(sizes) + 1, int(batch.n_edge.sum()), len(sizes) + 1
+  )
+
+
+def test_mixq_calibrates_a_batch_norm_model_as_in_training():
+  """MixQ calibrates on its first training batch. Calibrated in evaluation
+  mode, where BatchNorm divides by its initial averages (the identity), a
+  GIN's sums over ~25 neighbours grew layer by layer: conv_4's aggregate
+  scale was 124k (conv_1's 36), and on IMDB-MULTI every run diverged."""
+  config = lorap_jax.get_config("imdb-multi")
+  config.quant.framework = "mixq"
+  config.prompt.kind = "none"
+  model = lorap_jax.create_model(config, num_classes=3, task="graph")
+  graph = _complete_graphs_padded((20, 30, 25), features=8)
+  key = jax.random.key(0)
+  state = train.create_train_state(model, optax.adam(1e-3), graph, key, 4.0)
+  params = state.params
+  first, last = (
+    float(jnp.max(params[f"conv_{i}"]["mixq_aggregate_scale"])) for i in (1, 4)
+  )
+  assert last < 2 * first, (first, last)  # Batch-normalised: no growth.
+  # Only the calibration differs from `init`: weights, logits, copies
+  # are the same.
+  initial = model.init(key, graph, bits=jnp.float32(4.0), train=False)
+  calibrated = flax.traverse_util.flatten_dict(params)
+  for path, leaf in flax.traverse_util.flatten_dict(initial["params"]).items():
+    if not path[-1].endswith(("_scale", "_zero")):
+      np.testing.assert_array_equal(calibrated[path], leaf, err_msg=path)

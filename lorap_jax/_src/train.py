@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import jraph
@@ -561,6 +562,10 @@ def create_train_state(
     raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
   bits = jnp.asarray(bits, jnp.float32)
   variables = _init_variables(model, rng, graph, bits)
+  if start_from is None and _mixq_with_batch_norm(model, variables):
+    variables = _calibrate_mixq_in_training_mode(
+      model, variables, graph, rng, bits
+    )
   if start_from is not None:
     _, created = model.apply(
       {**variables, **start_from},
@@ -588,6 +593,50 @@ def create_train_state(
     else jnp.asarray(target_affine, jnp.float32),
     update_statistics=update_statistics,
   )
+
+
+def _mixq_with_batch_norm(model, variables) -> bool:
+  return model.quant.mixq is not None and bool(variables.get("batch_stats"))
+
+
+def _is_mixq_calibration(path: tuple[str, ...]) -> bool:
+  return path[-1].startswith("mixq_") and path[-1].endswith(("_scale", "_zero"))
+
+
+def _calibrate_mixq_in_training_mode(model, variables, graph, rng, bits):
+  """MixQ's scales and zero points calibrated on a training-mode pass.
+
+  MixQ calibrates once, on its first (training) batch. `init` runs in
+  evaluation mode, where BatchNorm divides by its initial running averages
+  (the identity): the sums of a GIN on dense graphs then grow layer by layer
+  (IMDB-MULTI: degrees near 100, five layers), and scales calibrated on them
+  are orders of magnitude wider than the batch-normalised activations of
+  training (2026-12-06: every IMDB-MULTI run diverged, losses in the
+  thousands). Models without BatchNorm keep `init`'s calibration, which
+  differs from a training pass by dropout only.
+  """
+  flat = flax.traverse_util.flatten_dict(variables["params"])
+  kept = {k: v for k, v in flat.items() if not _is_mixq_calibration(k)}
+  uncalibrated = {
+    **variables,
+    "params": flax.traverse_util.unflatten_dict(kept),
+  }
+  params = _training_mode_params(model, uncalibrated, graph, rng, bits)
+  return {**variables, "params": params}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _training_mode_params(model, variables, graph, rng, bits):
+  # Missing parameters are created as in `init`, on a training-mode pass.
+  _, created = model.apply(
+    variables,
+    graph,
+    bits=bits,
+    train=True,
+    mutable=True,
+    rngs={"params": rng, "dropout": rng},
+  )
+  return created["params"]
 
 
 # ---------------------------------------------------------------------------
