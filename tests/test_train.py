@@ -284,6 +284,26 @@ def test_cli_gives_mixq_its_node_settings_unless_told_otherwise():
   assert config.train.weight_decay == mutag.train.weight_decay
 
 
+def test_cli_set_gives_text_fields_their_text():
+  args = cli._parser().parse_args(
+    [
+      "train",
+      "--workdir=w",
+      "--dataset=cora",
+      "--set=mixq.candidates=8",
+      "--set=mixq.points=input,weight",
+      "--set=prompt.implementation=None",
+      "--set=train.epochs=7",
+    ]
+  )
+  config = cli.build_config(args)
+  # Literals once turned "8" into 8 and "4,8" into a tuple: both refused.
+  assert config.mixq.candidates == "8"
+  assert config.mixq.points == "input,weight"
+  assert config.prompt.implementation is None
+  assert config.train.epochs == 7
+
+
 def test_cli_keeps_the_case_of_npz_paths():
   args = cli._parser().parse_args(
     ["train", "--dataset=npz/Amazon_Photo.npz", "--workdir=w"]

@@ -222,7 +222,7 @@ def _with_flags(config, args: argparse.Namespace, flags: dict):
     if value is not None:
       _set(config, path, value)
   for key, raw in _set_items(args):
-    _set(config, key, _parse_value(raw))
+    _set_text(config, key, raw)
   _check_names(config)
   return config
 
@@ -273,7 +273,8 @@ def _parse_value(raw: str):
     return raw
 
 
-def _set(config, path: str, value) -> None:
+def _field(config, path: str):
+  """The section holding the dotted field `path`, and the field's name."""
   *parents, leaf = path.split(".")
   node = config
   for name in parents:
@@ -282,6 +283,25 @@ def _set(config, path: str, value) -> None:
     node = node[name]
   if leaf not in node:
     raise ValueError(f"unknown config field {path!r}")
+  return node, leaf
+
+
+def _set_text(config, path: str, raw: str) -> None:
+  """`--set PATH=RAW`: a Python literal, or the text itself for a text
+  field (`mixq.candidates=8` is the string "8", not the integer)."""
+  value = _parse_value(raw)
+  node, leaf = _field(config, path)
+  if (
+    value is not None
+    and not isinstance(value, str)
+    and node.get_type(leaf) is str
+  ):
+    value = raw
+  _set(config, path, value)
+
+
+def _set(config, path: str, value) -> None:
+  node, leaf = _field(config, path)
   try:
     node[leaf] = value
   except TypeError as error:  # ml_collections keeps each field's type.

@@ -156,11 +156,8 @@ def build(args: argparse.Namespace):
     value = getattr(args, flag)
     if value is not None:
       cli._set(config, path, value)
-  for item in args.set:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r} must look like KEY=VALUE")
-    cli._set(config, key, cli._parse_value(raw))
+  for key, raw in cli._set_items(args):
+    cli._set_text(config, key, raw)
   cli._check_names(config)
   axes = {}
   for flag, (axis, kind) in _AXIS_FLAGS.items():
