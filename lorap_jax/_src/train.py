@@ -166,7 +166,9 @@ _UNREAD_QUANT_FIELDS = {
 def _refuse_fields_it_does_not_read(config) -> None:
   """A changed setting that the framework ignores would mislead; refuse it."""
   framework = config.quant.framework
-  fields, instead = _UNREAD_QUANT_FIELDS.get(framework, ((), ""))
+  if framework not in _UNREAD_QUANT_FIELDS:
+    return
+  fields, instead = _UNREAD_QUANT_FIELDS[framework]
   defaults = config_lib.get_config(config.dataset).quant
   changed = [
     f"quant.{name}={config.quant[name]!r}"
