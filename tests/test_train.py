@@ -405,6 +405,18 @@ def test_code_version_names_the_commit_or_the_package(monkeypatch):
     train.code_version.cache_clear()
 
 
+def test_a_run_is_credited_to_the_code_it_started_with(
+  data_dir, tmp_path, monkeypatch
+):
+  versions = iter(["at-start", "committed-during-the-run"])
+  monkeypatch.setattr(train, "code_version", lambda: next(versions))
+  config = _small_config("cora", epochs=2)
+  config.data_dir = str(data_dir)
+  summary = lorap_jax.train_and_evaluate(config, tmp_path)
+  # It once read the version when writing the summary, hours later.
+  assert summary["code_version"] == "at-start"
+
+
 def test_mean_and_std_is_the_sample_std():
   # torch.std's (ddof 1), which the anchors' tables report.
   assert lorap_jax.mean_and_std([0.7, 0.8, 0.9]) == pytest.approx((0.8, 0.1))

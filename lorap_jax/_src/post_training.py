@@ -140,6 +140,7 @@ def post_train_prompts(
   config = config_lib.with_fields(config, {"train.trainable": "prompts"})
   _check_compatible(source_config, config)
   train_lib._validate(config)
+  version = train_lib.code_version()  # The code of this run, read now.
   runs = _source_runs(source, source_config, config.seeds)
   train_lib._prepare_workdir(
     config, workdir, resume=False, checkpointed=config.checkpoint.enabled
@@ -208,7 +209,7 @@ def post_train_prompts(
         )
   finally:
     log.close()
-  summary = train_lib._summary(config, dataset, records, True)
+  summary = train_lib._summary(config, dataset, records, True, version)
   summary["post_training"] = {
     "source_workdir": str(source),
     "calibration_size": config.train.calibration_size,

@@ -1699,6 +1699,9 @@ def train_and_evaluate(
     serialised and holds each run's selected `TrainState`.
   """
   _validate(config)
+  # Read now: a commit made while a long run trains must not be credited
+  # with its result.
+  version = code_version()
   workdir = pathlib.Path(workdir).absolute()
   staged = config.quant.framework == "mixq"
   checkpointed = config.checkpoint.enabled
@@ -1824,7 +1827,7 @@ def train_and_evaluate(
             release_compiled_code_if_needed()
   finally:
     log.close()
-  summary = _summary(config, dataset, records, node_task)
+  summary = _summary(config, dataset, records, node_task, version)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   summary["states"] = [r.state for r in records]
   return summary
@@ -2062,7 +2065,7 @@ def code_version() -> str:
   return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
-def _summary(config, dataset, records, node_task) -> dict:
+def _summary(config, dataset, records, node_task, version) -> dict:
   regression = getattr(dataset, "task", "classification") == "regression"
   # Epochs 0 and 1 include compilation; the rest are steady-state.
   steady = [t for r in records for t in r.epoch_times_ms[2:]]
@@ -2109,6 +2112,6 @@ def _summary(config, dataset, records, node_task) -> dict:
     ),
     "device": jax.devices()[0].device_kind,
     "jax_version": jax.__version__,
-    "code_version": code_version(),
+    "code_version": version,
     "config": config.to_dict(),
   }
