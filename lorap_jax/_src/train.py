@@ -119,14 +119,7 @@ def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
     return qp.FP32
   q.check_bits(config.quant.bits)
   points = _parse_points(config.quant.points)
-  if framework in ("a2q", "mixq") and set(points) != set(qp.POINT_NAMES):
-    # Each has its own field; a silently ignored setting would mislead.
-    raise ValueError(
-      f"quant.points={config.quant.points!r} does not apply to framework "
-      f"{framework!r}: set {framework}.points (now "
-      f"{config[framework].points!r})"
-    )
-  _refuse_fields_it_does_not_read(config)
+  _refuse_fields_it_does_not_read(config, points)
   if framework == "dq":
     return _degree_quant_config(config, points)
   if framework == "a2q":
@@ -163,9 +156,16 @@ _UNREAD_QUANT_FIELDS = {
 }
 
 
-def _refuse_fields_it_does_not_read(config) -> None:
+def _refuse_fields_it_does_not_read(config, points) -> None:
   """A changed setting that the framework ignores would mislead; refuse it."""
   framework = config.quant.framework
+  if framework in ("a2q", "mixq") and set(points) != set(qp.POINT_NAMES):
+    # Each has its own points field.
+    raise ValueError(
+      f"quant.points={config.quant.points!r} does not apply to framework "
+      f"{framework!r}: set {framework}.points (now "
+      f"{config[framework].points!r})"
+    )
   if framework not in _UNREAD_QUANT_FIELDS:
     return
   fields, instead = _UNREAD_QUANT_FIELDS[framework]
@@ -1606,15 +1606,15 @@ def _validate(config) -> None:
       "train.trainable='prompts' with prompt kind 'none' trains nothing; "
       "choose a prompt (e.g. --prompt lorap) or train.trainable='all'"
     )
-  staged = config.quant.framework == "mixq"
-  if config.vmap_seeds and (task == "graph" or staged):
+  mixq_run = config.quant.framework == "mixq"
+  if config.vmap_seeds and (task == "graph" or mixq_run):
     # Either would train its runs one after another, ignoring the flag.
     what = "a graph task" if task == "graph" else "MixQ's staged schedule"
     raise ValueError(
       f"vmap_seeds=True: {what} trains its runs one after another; set "
       "vmap_seeds=False (lorap sweep vmaps seeds of any task)"
     )
-  if config.train.trainable == "prompts" and config.quant.framework == "mixq":
+  if config.train.trainable == "prompts" and mixq_run:
     raise ValueError(
       "train.trainable='prompts' with framework mixq: MixQ's width search "
       "and FP32 stage train the backbone; use another framework"
