@@ -24,6 +24,7 @@ def _cora_config(data_dir, epochs=20, every=5):
   config.prompt.kind = "lorap"
   config.seeds, config.train.epochs = 1, epochs
   config.checkpoint.every = every
+  config.checkpoint.min_interval_s = 0.0  # Every `every` epochs.
   config.data_dir = str(data_dir)
   return config
 
@@ -36,6 +37,7 @@ def _mutag_config(data_dir):
   # One batch per epoch (still shuffled): one padding budget, few compiles.
   config.train.batch_size = 256
   config.checkpoint.every = 2
+  config.checkpoint.min_interval_s = 0.0
   config.data_dir = str(data_dir)
   return config
 
@@ -81,6 +83,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
     "config.prompt.kind = 'lorap'\n"
     "config.seeds, config.train.epochs = 1, 20\n"
     "config.checkpoint.every = 5\n"
+    "config.checkpoint.min_interval_s = 0.0\n"
     f"config.data_dir = {str(data_dir)!r}\n"
     f"lorap_jax.train_and_evaluate(config, {str(workdir)!r})\n"
   )
@@ -235,7 +238,8 @@ def test_a_selected_state_of_another_layout_is_refused_by_name(tmp_path):
     "opt": {"schedule": np.array(4, np.int32)},
   }
   writer = checkpoints.RunCheckpointer(tmp_path, every=1, keep=1)
-  writer.save_best(7, saved)
+  writer.select(7, saved)
+  writer.save(7, saved, {})
   writer.close()
   template = {
     "params": np.ones(3, np.float32),
@@ -245,3 +249,89 @@ def test_a_selected_state_of_another_layout_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match=r"best/7 holds a state of another"):
     reader.restore_best(template)
   reader.close()
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_saves_wait_min_interval_s_but_never_skip_the_last_epoch(tmp_path):
+  clock = _Clock()
+  writer = checkpoints.RunCheckpointer(
+    tmp_path, every=2, keep=1, min_interval_s=60.0, clock=clock
+  )
+  assert not writer.due(1, 9)  # Every 2 epochs, but 0 s since the start.
+  assert writer.due(9, 9)  # The last epoch, whatever the clock.
+  clock.now = 61.0
+  assert writer.due(1, 9) and not writer.due(2, 9)
+  writer.save(1, {"w": np.zeros(2, np.float32)}, {})
+  clock.now = 100.0  # 39 s after that save.
+  assert not writer.due(3, 9)
+  clock.now = 121.0
+  assert writer.due(3, 9)
+  writer.close()
+  for bad in (-1.0, float("nan")):
+    with pytest.raises(ValueError, match=r"min_interval_s=.* must be >= 0"):
+      checkpoints.RunCheckpointer(tmp_path, every=2, keep=1, min_interval_s=bad)
+
+
+def _state(value):
+  return {"w": np.full(3, value, np.float32)}
+
+
+def test_the_selected_state_is_written_with_the_next_save(tmp_path):
+  writer = checkpoints.RunCheckpointer(tmp_path, every=1, keep=3)
+  writer.select(2, _state(2))
+  writer.select(3, _state(3))
+  assert not (tmp_path / "best").exists() or not any(
+    (tmp_path / "best").iterdir()
+  )
+  writer.save(4, _state(4), {"times": []})
+  writer.select(6, _state(6))
+  writer.save(7, _state(7), {"times": []})
+  writer.save(9, _state(9), {"times": []})  # No new selection.
+  writer.close()
+  assert sorted(int(p.name) for p in (tmp_path / "best").iterdir()) == [3, 6]
+  reader = checkpoints.RunCheckpointer(tmp_path, every=1, keep=3)
+  epoch, state, progress = reader.restore_latest(_state(0))
+  assert (epoch, progress["best_epoch"]) == (9, 6)
+  np.testing.assert_array_equal(state["w"], 9)
+  np.testing.assert_array_equal(reader.restore_best(_state(0))["w"], 6)
+  reader.close()
+
+
+def test_a_save_killed_between_its_two_writes_resumes_its_selection(
+  tmp_path,
+):
+  writer = checkpoints.RunCheckpointer(tmp_path, every=1, keep=3)
+  writer.select(3, _state(3))
+  writer.save(4, _state(4), {"times": []})
+  writer.select(8, _state(8))
+  writer.save(9, _state(9), {"times": []})
+  writer.close()
+  # Killed after writing best/8, before latest/9.
+  _remove(tmp_path / "latest" / "9")
+  reader = checkpoints.RunCheckpointer(tmp_path, every=1, keep=3)
+  epoch, _, progress = reader.restore_latest(_state(0))
+  assert (epoch, progress["best_epoch"]) == (4, 3)
+  np.testing.assert_array_equal(reader.restore_best(_state(0))["w"], 3)
+  # The selection of the abandoned epochs is gone, not read as the newest.
+  assert sorted(int(p.name) for p in (tmp_path / "best").iterdir()) == [3]
+  reader.close()
+
+
+def test_a_resume_may_change_how_often_checkpoints_are_written(
+  data_dir, tmp_path, clean_mutag
+):
+  clean, _ = clean_mutag
+  workdir = tmp_path / "b"
+  lorap_jax.train_and_evaluate(_mutag_config(data_dir), workdir)
+  _forget_the_end(workdir, "fold_0_seed_0", [5])
+  config = _mutag_config(data_dir)
+  config.checkpoint.every, config.checkpoint.min_interval_s = 3, 30.0
+  resumed = lorap_jax.train_and_evaluate(config, workdir, resume=True)
+  _assert_same_results(resumed, clean)

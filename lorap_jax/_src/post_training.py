@@ -189,10 +189,8 @@ def post_train_prompts(
         before["initial"].append(_accuracies(initial, seed_batch))
         checkpointer = None
         if config.checkpoint.enabled:
-          checkpointer = checkpoints.RunCheckpointer(
-            workdir / "checkpoints" / f"seed_{seed}",
-            every=config.checkpoint.every,
-            keep=config.checkpoint.keep,
+          checkpointer = checkpoints.run_checkpointer(
+            workdir / "checkpoints" / f"seed_{seed}", config.checkpoint
           )
         records.append(
           train_lib._train_node_run(

@@ -965,8 +965,9 @@ class _RunLoop:
 
   With a checkpointer it resumes from the newest readable checkpoint (the
   state, the selection so far, the epoch times and the shuffling
-  generator), saves the best state when the selection moves and the latest
-  every `checkpoint.every` epochs, and refuses a non-finite loss.
+  generator), saves the latest state (and the selected one, when it moved) every
+  `checkpoint.every` epochs, at most every `checkpoint.min_interval_s`
+  seconds, and refuses a non-finite loss.
   """
 
   def __init__(self, config, state, checkpointer=None, rng=None, name=""):
@@ -1008,7 +1009,7 @@ class _RunLoop:
     if self.checkpointer is None:
       return
     if self.selector.best is not previous:
-      self.checkpointer.save_best(epoch, state)
+      self.checkpointer.select(epoch, state)
     if self.checkpointer.due(epoch, self.last_epoch):
       progress = {"times": self.times, "best": list(self.selector.best)}
       if self.rng is not None:
@@ -1225,7 +1226,7 @@ def _train_node_runs_vmapped(
     if any(moved):
       selected = _take_rows(np.array(moved), states, selected)
       if checkpointer is not None:
-        checkpointer.save_best(epoch, selected)
+        checkpointer.select(epoch, selected)
     if checkpointer is not None and checkpointer.due(epoch, epochs - 1):
       best = [list(selector.best) for selector in selectors]
       checkpointer.save(epoch, states, {"times": times, "best": best})
@@ -1728,10 +1729,8 @@ def train_and_evaluate(
   def checkpointer(name):
     if not checkpointed:
       return None
-    return checkpoints.RunCheckpointer(
-      workdir / "checkpoints" / name,
-      every=config.checkpoint.every,
-      keep=config.checkpoint.keep,
+    return checkpoints.run_checkpointer(
+      workdir / "checkpoints" / name, config.checkpoint
     )
 
   def stage_checkpointers(name):
@@ -1911,13 +1910,23 @@ def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
   saved_config.write_text(config.to_json_best_effort(indent=2))
 
 
+# Fields a resumed run may change: they do not touch what is trained.
+_RESUMABLE_CHANGES = (
+  "data_dir",
+  "checkpoint.every",
+  "checkpoint.keep",
+  "checkpoint.min_interval_s",
+)
+
+
 def _config_differences(saved: dict, current: dict, prefix="") -> list[str]:
-  """'key: saved -> now' for every field that differs (data_dir aside)."""
+  """'key: saved -> now' for every field that differs, aside from the data
+  directory and how often checkpoints are written."""
   differences = []
   for key in sorted(set(saved) | set(current)):
     path = f"{prefix}{key}"
     old, new = saved.get(key), current.get(key)
-    if path == "data_dir" or old == new:
+    if path in _RESUMABLE_CHANGES or old == new:
       continue
     if isinstance(old, dict) and isinstance(new, dict):
       differences += _config_differences(old, new, f"{path}.")
