@@ -965,9 +965,9 @@ class _RunLoop:
 
   With a checkpointer it resumes from the newest readable checkpoint (the
   state, the selection so far, the epoch times and the shuffling
-  generator), saves the latest state (and the selected one, when it moved) every
-  `checkpoint.every` epochs, at most every `checkpoint.min_interval_s`
-  seconds, and refuses a non-finite loss.
+  generator), saves the latest state (and the selected one, if it moved)
+  every `checkpoint.every` epochs but at most every
+  `checkpoint.min_interval_s` seconds, and refuses a non-finite loss.
   """
 
   def __init__(self, config, state, checkpointer=None, rng=None, name=""):
