@@ -146,9 +146,10 @@ class RunCheckpointer:
   def _forget_selections_after(self, progress: dict[str, Any]) -> None:
     # Checkpoints before 2026-12-06 name none: their newest is the one.
     named = progress.get("best_epoch", self._best.latest_step())
-    for epoch in self._best.all_steps():
-      if named is not None and epoch > named:
-        self._best.delete(epoch)
+    if named is not None:
+      for epoch in self._best.all_steps():
+        if epoch > named:
+          self._best.delete(epoch)
     self._best_epoch = named
 
   def restore_best(self, template):
