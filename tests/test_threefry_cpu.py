@@ -46,15 +46,32 @@ def test_unrolled_hash_matches_known_answers(key, counter, expected):
   assert tuple(int(w) for w in words) == expected
 
 
-def test_compiled_random_bits_have_no_loop():
-  # The point of the lowering: XLA:CPU gets straight-line code.
-  text = (
-    jax.jit(lambda key: jax.random.bernoulli(key, 0.5, (64, 8)))
+@pytest.mark.parametrize("key, counter, expected", KNOWN_ANSWERS)
+def test_rolled_hash_matches_known_answers(key, counter, expected):
+  words = jax.jit(threefry_cpu.threefry2x32_rolled)(
+    *(jnp.asarray(v, jnp.uint32) for v in (*key, *counter))
+  )
+  assert tuple(int(w) for w in words) == expected
+
+
+def _compiled_bits(count):
+  return (
+    jax.jit(lambda key: jax.random.bits(key, (count,)))
     .lower(jax.random.key(0))
     .compile()
-    .as_text()
   )
-  assert " while(" not in text
+
+
+def test_large_draws_compile_without_a_loop_and_small_ones_with_one():
+  # The point of the lowering: straight-line code where a call hashes many
+  # words (one hash a word), a loop where few. Both draw the same bits:
+  # each word hashes its own counter, so the shorter draw is a prefix.
+  many = threefry_cpu.UNROLL_FROM_HASHES
+  straight, looped = _compiled_bits(many), _compiled_bits(many - 1)
+  assert " while(" not in straight.as_text()
+  assert " while(" in looped.as_text()
+  key = jax.random.key(7)
+  np.testing.assert_array_equal(straight(key)[:-1], looped(key))
 
 
 def test_random_bits_equal_stock_jax_values():

@@ -4,12 +4,21 @@ JAX lowers its PRNG hash on CPU as a rolled five-step `fori_loop` (to keep
 compile times short) and XLA:CPU runs that loop about 2.7x slower than the
 straight-line form it uses on GPU. Dropout masks are drawn every training
 step, so on a Cora epoch the loop costs ~0.3 ms of ~8. We register the
-straight-line form for CPU: the hash, and so every random number, is bitwise
-the same; only the compiled program differs.
+straight-line form for CPU where a call hashes many words: the hash, and so
+every random number, is bitwise the same; only the compiled program differs.
+
+Small calls (key splits, a parameter's initial values) keep a loop: each
+straight-line hash is about a hundred more instructions for XLA to compile
+wherever it appears, and a model's initialisation has hundreds of them
+(A2Q's GIN on IMDB-BINARY: 25.7 s to compile `init` straight-line, 10.3 s
+with small calls rolled) while the loop costs them microseconds at run time.
 """
+
+import math
 
 import jax
 import jax.extend.random as jex_random
+import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import mlir
 
@@ -47,8 +56,51 @@ def threefry2x32_unrolled(key1, key2, x1, x2) -> tuple[jax.Array, jax.Array]:
   return x1, x2
 
 
+def threefry2x32_rolled(key1, key2, x1, x2) -> tuple[jax.Array, jax.Array]:
+  """`threefry2x32_unrolled` as a loop over its five groups of four rounds:
+  the same words, from a program a fifth the size."""
+  x1, x2, key1, key2 = jnp.broadcast_arrays(x1, x2, key1, key2)
+  keys = (key1, key2, key1 ^ key2 ^ _KEY_PARITY)
+  rotations = jnp.asarray(_ROTATIONS, jnp.uint32)
+
+  def group(index, words_and_keys):
+    x1, x2, next1, next2, after = words_and_keys
+    distances = rotations[index % 2]
+    for round_ in range(4):
+      x1 = x1 + x2
+      distance = distances[round_]
+      rotated = jnp.left_shift(x2, distance) | jnp.right_shift(
+        x2, jnp.uint32(32) - distance
+      )
+      x2 = rotated ^ x1
+    x1 = x1 + next1
+    x2 = x2 + next2 + (index + 1).astype(jnp.uint32)
+    return x1, x2, next2, after, next1
+
+  x1, x2, *_ = jax.lax.fori_loop(
+    0, 5, group, (x1 + keys[0], x2 + keys[1], keys[1], keys[2], keys[0])
+  )
+  return x1, x2
+
+
+_UNROLLED = mlir.lower_fun(threefry2x32_unrolled, multiple_results=True)
+_ROLLED = mlir.lower_fun(threefry2x32_rolled, multiple_results=True)
+# Hashes at one call site from which the straight-line form is used: a
+# training batch's dropout mask is larger, a layer's weights mostly smaller.
+UNROLL_FROM_HASHES = 4096
+
+
+def _lower_threefry_by_size(ctx, key1, key2, x1, x2):
+  hashes = math.prod(ctx.avals_out[0].shape)
+  lowering = _UNROLLED if hashes >= UNROLL_FROM_HASHES else _ROLLED
+  return lowering(ctx, key1, key2, x1, x2)
+
+
 def use_unrolled_threefry_on_cpu() -> None:
-  """Makes XLA:CPU compile the Threefry hash without a loop (idempotent).
+  """Makes XLA:CPU compile large Threefry hashes without a loop (idempotent).
+
+  Calls of fewer than `UNROLL_FROM_HASHES` hashes keep a loop (our own,
+  `threefry2x32_rolled`, equal to JAX's).
 
   Affects programs compiled afterwards, in every library of the process; the
   random bits do not change (tests/test_threefry_cpu.py checks the published
@@ -56,6 +108,6 @@ def use_unrolled_threefry_on_cpu() -> None:
   """
   mlir.register_lowering(
     jex_random.threefry2x32_p,
-    mlir.lower_fun(threefry2x32_unrolled, multiple_results=True),
+    _lower_threefry_by_size,
     platform="cpu",
   )
