@@ -30,6 +30,9 @@ def _config(data_dir, *, epochs, folds=1, framework="qat"):
   config.quant.framework = framework
   config.checkpoint.enabled = False
   config.seeds = 1
+  # Two layers rather than five: a sweep compiles a whole run (initial
+  # state, steps, evaluation) into one program, and these test its plumbing.
+  config.model.num_layers, config.model.hidden = 2, 32
   return config
 
 
