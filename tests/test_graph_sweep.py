@@ -184,7 +184,7 @@ def test_folds_of_unequal_steps_compile_apart(data_dir, mutag, monkeypatch):
   )
   changed = dataclasses.replace(mutag, folds=(first, moved))
   monkeypatch.setattr(data_lib, "load_dataset", lambda *a, **k: changed)
-  config = _config(data_dir, epochs=2, folds=2, framework="qat")
+  config = _config(data_dir, epochs=2, folds=2, framework="fp32")
   config.train.batch_size = 76
   result = sweep_lib.run_sweep(config, {"seed": [0, 1]}, chunk_size=2)
   assert len(result.compile_seconds) == 2
