@@ -155,6 +155,8 @@ def test_cli_bad_axis_values(flag, text, kind, message):
     (["--lr=0.01,x"], "'x' is not a number"),
     (["--selection=val_mae"], "'val_mae' is not one of"),
     (["--set=train.momentum=3"], "unknown config field"),
+    # 0 is a value given: checked by presence, not truth.
+    (["--first-fold=0"], "first_fold: cross-validation folds belong to"),
   ],
 )
 def test_cli_sweep_refuses_bad_input(flags, message, tmp_path, capsys):

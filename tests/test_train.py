@@ -206,6 +206,12 @@ def test_cli_train_writes_summary(data_dir, tmp_path, capsys):
       ["--dataset=cora", "--framework=mixq", "--set=quant.rounding=half_away"],
       "quant.rounding='half_away' does not apply to framework 'mixq'",
     ),
+    # A node task would ignore them.
+    (
+      ["--dataset=citeseer", "--folds=3", "--set=first_fold=1"],
+      "first_fold and folds: cross-validation folds belong to graph "
+      "datasets; citeseer is a node dataset, whose runs range over seeds",
+    ),
   ],
 )
 def test_cli_refuses_bad_input(flags, message, tmp_path, capsys):

@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--layers", type=int)
   train.add_argument("--dropout", type=float)
   train.add_argument("--seeds", type=int, help="runs (per fold)")
-  train.add_argument("--folds", type=int, help="CV folds to run, 1..10")
+  train.add_argument(
+    "--folds", type=int, help="graph tasks: CV folds to run, 1..10"
+  )
   train.add_argument(
     "--first-fold",
     type=int,
@@ -249,12 +251,27 @@ def build_config(args: argparse.Namespace):
   name = args.dataset
   config = config_lib.get_config(name if "/" in name else name.lower())
   config = _with_flags(config, args, _FLAG_TO_CONFIG)
+  explicit = _explicit_paths(args, _FLAG_TO_CONFIG)
+  check_fold_settings(config, explicit)
   # MixQ's own node-task width and weight decay, as the result tables run
   # it, where no flag sets them.
-  config_lib.use_mixq_node_settings(
-    config, keep=_explicit_paths(args, _FLAG_TO_CONFIG)
-  )
+  config_lib.use_mixq_node_settings(config, keep=explicit)
   return config
+
+
+def check_fold_settings(config, explicit_paths) -> None:
+  """Refuses fold settings on a node dataset, which has no folds to run.
+
+  A node config keeps the graph tasks' `folds` default, unused; only a value
+  the command line gives is a mistake (it would be ignored silently).
+  """
+  given = sorted({"folds", "first_fold"} & set(explicit_paths))
+  if given and data_lib.is_node_dataset(config.dataset):
+    raise ValueError(
+      f"{' and '.join(given)}: cross-validation folds belong to graph "
+      f"datasets; {config.dataset} is a node dataset, whose runs range over "
+      "seeds (--seeds)"
+    )
 
 
 def _explicit_paths(args: argparse.Namespace, flags: dict) -> set[str]:

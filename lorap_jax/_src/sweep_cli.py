@@ -156,9 +156,16 @@ def build(args: argparse.Namespace):
     value = getattr(args, flag)
     if value is not None:
       cli._set(config, path, value)
-  for key, raw in cli._set_items(args):
+  set_items = cli._set_items(args)
+  for key, raw in set_items:
     cli._set_text(config, key, raw)
   cli._check_names(config)
+  explicit = {
+    path
+    for flag, path in _FIXED_FLAGS.items()
+    if getattr(args, flag) is not None
+  } | {key for key, _ in set_items}
+  cli.check_fold_settings(config, explicit)
   axes = {}
   for flag, (axis, kind) in _AXIS_FLAGS.items():
     text = getattr(args, flag)
