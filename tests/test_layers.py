@@ -553,6 +553,24 @@ class QuantStatsTest(chex.TestCase):
     assert np.abs(np.asarray(out3) - (fq(fq(x3) @ wq) + bias)).max() > 1e-2
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_evaluation_before_any_calibration_uses_the_batch_range(self):
+    # Decided in Python outside jit, by a cond inside: the same numbers.
+    x = 3.0 * make_features(seed=13)
+    layer = lorap_jax.QuantDense(features=3, quant=QUANT)
+    variables = layer.init(jax.random.key(5), jnp.asarray(x), bits=BITS)
+    params = _randomize(variables["params"], 14, {"bias"})
+    assert not any(_initialized_flags(variables[lorap_jax.QUANT_STATS]))
+
+    @self.variant
+    def evaluate(variables, x):  # Traced under jit: the flag too.
+      return layer.apply(variables, x, bits=BITS)
+
+    got = evaluate({**variables, "params": params}, jnp.asarray(x))
+    xw = fq(x) @ fq(np.asarray(params["kernel"]))
+    want = fq(xw) + np.asarray(params["bias"])
+    chex.assert_trees_all_close(got, want, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_gcn_points_update_in_train_only(self):
     graph = make_graph(make_features(seed=12))
     layer = lorap_jax.QuantGCNConv(features=3, quant=QUANT)

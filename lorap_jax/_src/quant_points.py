@@ -131,14 +131,23 @@ def point_grid(
     current = q.calibrate(stored, x, config.calibration, mask)
     module.put_variable(QUANT_STATS, name, current)
   else:
-    # A cond, not a select: the batch's range (a pass over x) is computed
-    # only for a point that was never calibrated.
-    current = jax.lax.cond(
-      stored.initialized,
-      lambda: stored,
-      lambda: q.calibrate(q.init_range_state(), x, config.calibration, mask),
-    )
+    current = _stored_or_first_range(stored, x, config, mask)
   return q.affine_qparams(current.lo, current.hi, bits, signed=True)
+
+
+def _stored_or_first_range(stored, x, config, mask):
+  """The stored range, or `x`'s for a point that was never calibrated."""
+
+  def first_range():
+    return q.calibrate(q.init_range_state(), x, config.calibration, mask)
+
+  if not isinstance(stored.initialized, jax.core.Tracer):
+    # Outside jit: decided here. An eager `lax.cond` compiles its branches
+    # again at every call (each call's are new functions to its cache).
+    return stored if bool(stored.initialized) else first_range()
+  # A cond, not a select: the batch's range (a pass over x) is computed
+  # only for a point that was never calibrated.
+  return jax.lax.cond(stored.initialized, lambda: stored, first_range)
 
 
 def apply_grid(
