@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import checkpoints, cli
+from lorap_jax._src import checkpoints, cli, train
 
 # Fields that must match bitwise between an interrupted and a clean run.
 RESULT_KEYS = ("test_accs", "val_accs", "best_epochs", "test_acc_mean")
@@ -98,11 +98,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
   os.kill(process.pid, signal.SIGKILL)
   process.wait()
   assert not (workdir / "summary.json").exists()
+  compiled = _compiled_step_count()
   resumed = lorap_jax.train_and_evaluate(
     _cora_config(data_dir), workdir, resume=True
   )
   _assert_same_results(resumed, clean)
   assert _epoch_rows(workdir) == _epoch_rows(tmp_path / "clean")
+  # The restored state is placed as a fresh one: the clean run's compiled
+  # steps serve the resumed run (committed arrays would compile anew).
+  assert _compiled_step_count() == compiled
+
+
+def _compiled_step_count() -> int:
+  return train.train_step._cache_size() + train.eval_step._cache_size()
 
 
 def _forget_the_end(workdir: pathlib.Path, run: str, epochs: list[int]):

@@ -29,6 +29,7 @@ from typing import Any
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -140,7 +141,7 @@ class RunCheckpointer:
         )
         continue
       self._forget_selections_after(restored.progress)
-      return epoch, restored.state, restored.progress
+      return epoch, placed_as(restored.state, template), restored.progress
     return None
 
   def _forget_selections_after(self, progress: dict[str, Any]) -> None:
@@ -181,7 +182,7 @@ class RunCheckpointer:
         "decay moved into the optimizer's state. Resume it with the code "
         "and config that wrote it, or train into a new workdir."
       ) from error
-    return restored.state
+    return placed_as(restored.state, template)
 
   def latest_epoch(self) -> int | None:
     return self._latest.latest_step()
@@ -236,7 +237,32 @@ def restore_selected(run_directory: pathlib.Path, template) -> Any:
       epoch,
       args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
     )
-  return restored.state
+  return placed_as(restored.state, template)
+
+
+def placed_as(restored, template):
+  """`restored` with each array left to JAX's default placement where the
+  template's was.
+
+  Orbax returns arrays committed to their device. jit compiles a committed
+  argument apart from an uncommitted one of the same shape, so without this
+  a run resumed in the process that trained (a notebook, the tests)
+  compiled every step again. Arrays the template commits (a sharded
+  state), and PRNG keys, are kept as restored.
+  """
+
+  def place(saved, like):
+    if (
+      isinstance(saved, jax.Array)
+      and isinstance(like, jax.Array)
+      and saved.committed
+      and not like.committed
+      and not jax.dtypes.issubdtype(saved.dtype, jax.dtypes.extended)
+    ):
+      return jnp.asarray(np.asarray(saved))
+    return saved
+
+  return jax.tree.map(place, restored, template)
 
 
 def _check_fits(step_directory: pathlib.Path, template) -> None:
