@@ -218,7 +218,8 @@ def build_post_train_config(args: argparse.Namespace):
 
 
 def _with_flags(config, args: argparse.Namespace, flags: dict):
-  """`config` with the given flags, then each `--set KEY=VALUE`, applied."""
+  """`config` with the given flags, then each `--set KEY=VALUE`, applied,
+  and names and fold settings checked."""
   for flag, (path, _) in flags.items():
     value = getattr(args, flag)
     if value is not None:
@@ -226,6 +227,7 @@ def _with_flags(config, args: argparse.Namespace, flags: dict):
   for key, raw in _set_items(args):
     _set_text(config, key, raw)
   _check_names(config)
+  _check_fold_settings(config, _explicit_paths(args, flags))
   return config
 
 
@@ -251,15 +253,15 @@ def build_config(args: argparse.Namespace):
   name = args.dataset
   config = config_lib.get_config(name if "/" in name else name.lower())
   config = _with_flags(config, args, _FLAG_TO_CONFIG)
-  explicit = _explicit_paths(args, _FLAG_TO_CONFIG)
-  check_fold_settings(config, explicit)
   # MixQ's own node-task width and weight decay, as the result tables run
   # it, where no flag sets them.
-  config_lib.use_mixq_node_settings(config, keep=explicit)
+  config_lib.use_mixq_node_settings(
+    config, keep=_explicit_paths(args, _FLAG_TO_CONFIG)
+  )
   return config
 
 
-def check_fold_settings(config, explicit_paths) -> None:
+def _check_fold_settings(config, explicit_paths) -> None:
   """Refuses fold settings on a node dataset, which has no folds to run.
 
   A node config keeps the graph tasks' `folds` default, unused; only a value

@@ -20,17 +20,17 @@ _AXIS_FLAGS = {
   "hidden": ("hidden", int),
   "layers": ("num_layers", int),
 }
-# Flag -> config path, for settings that are not swept.
+# Flag -> (config path, type), as `cli`'s, for settings that are not swept.
 _FIXED_FLAGS = {
-  "model": "model.architecture",
-  "framework": "quant.framework",
-  "prompt": "prompt.kind",
-  "epochs": "train.epochs",
-  "selection": "train.selection",
-  "dropout": "model.dropout",
-  "folds": "folds",
-  "first_fold": "first_fold",
-  "data_dir": "data_dir",
+  "model": ("model.architecture", str),
+  "framework": ("quant.framework", str),
+  "prompt": ("prompt.kind", str),
+  "epochs": ("train.epochs", int),
+  "selection": ("train.selection", str),
+  "dropout": ("model.dropout", float),
+  "folds": ("folds", int),
+  "first_fold": ("first_fold", int),
+  "data_dir": ("data_dir", str),
 }
 
 
@@ -152,20 +152,7 @@ def build(args: argparse.Namespace):
       f"{', '.join(data_lib.DATASET_NAMES)}"
     )
   config = config_lib.get_config(args.dataset.lower())
-  for flag, path in _FIXED_FLAGS.items():
-    value = getattr(args, flag)
-    if value is not None:
-      cli._set(config, path, value)
-  set_items = cli._set_items(args)
-  for key, raw in set_items:
-    cli._set_text(config, key, raw)
-  cli._check_names(config)
-  explicit = {
-    path
-    for flag, path in _FIXED_FLAGS.items()
-    if getattr(args, flag) is not None
-  } | {key for key, _ in set_items}
-  cli.check_fold_settings(config, explicit)
+  config = cli._with_flags(config, args, _FIXED_FLAGS)
   axes = {}
   for flag, (axis, kind) in _AXIS_FLAGS.items():
     text = getattr(args, flag)

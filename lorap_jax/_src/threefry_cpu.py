@@ -28,9 +28,11 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)
 
 
-def _rotate_left(x: jax.Array, distance: int) -> jax.Array:
-  return jax.lax.shift_left(x, np.uint32(distance)) | (
-    jax.lax.shift_right_logical(x, np.uint32(32 - distance))
+def _rotate_left(x: jax.Array, distance) -> jax.Array:
+  """`x` rotated left by `distance` bits (an int, or a traced uint32)."""
+  distance = jnp.uint32(distance)
+  return jnp.left_shift(x, distance) | jnp.right_shift(
+    x, jnp.uint32(32) - distance
   )
 
 
@@ -68,11 +70,7 @@ def threefry2x32_rolled(key1, key2, x1, x2) -> tuple[jax.Array, jax.Array]:
     distances = rotations[index % 2]
     for round_ in range(4):
       x1 = x1 + x2
-      distance = distances[round_]
-      rotated = jnp.left_shift(x2, distance) | jnp.right_shift(
-        x2, jnp.uint32(32) - distance
-      )
-      x2 = rotated ^ x1
+      x2 = _rotate_left(x2, distances[round_]) ^ x1
     x1 = x1 + next1
     x2 = x2 + next2 + (index + 1).astype(jnp.uint32)
     return x1, x2, next2, after, next1
