@@ -472,6 +472,16 @@ class CheckBitsTest(parameterized.TestCase):
 # ---------------------------------------------------------------------------
 
 
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (`jnp.where`'s) too."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", None)
+      if inner is not None:
+        yield from _equations(getattr(inner, "jaxpr", inner))
+
+
 class ObserveTest(chex.TestCase):
   X = _random((40, 8), seed=11)
   ROW_MASK = np.random.default_rng(12).random((40, 1)) < 0.6
@@ -498,6 +508,47 @@ class ObserveTest(chex.TestCase):
     # Nothing unmasked: (0, 0).
     lo, hi = observe(jnp.asarray(self.X), jnp.zeros((40, 1), bool))
     chex.assert_trees_all_close((lo, hi), (0.0, 0.0), atol=0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+    # Masks broadcast over some axes (reduced over those first), or none.
+    ("messages", (30, 1, 8), (30, 1, 1)),
+    ("columns", (40, 8), (1, 8)),
+    ("lower_rank", (40, 8), (8,)),
+    ("middle", (6, 5, 8), (6, 1, 8)),
+    ("elementwise", (6, 5, 8), (6, 5, 8)),
+  )
+  def test_minmax_broadcast_masks_and_non_finite_values(
+    self, shape, mask_shape
+  ):
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=shape).astype(np.float32)
+    mask = rng.random(mask_shape) < 0.5
+    mask.flat[0], mask.flat[-1] = True, False
+    full = np.broadcast_to(mask, shape)
+    # Non-finite values the mask hides change nothing.
+    x[~full] = rng.choice([np.nan, np.inf, -np.inf], size=(~full).sum())
+    observe = self.variant(lorap_jax.observe_minmax)
+    lo, hi = observe(jnp.asarray(x), jnp.asarray(mask))
+    want = (x[full].min(), x[full].max())
+    chex.assert_trees_all_close((lo, hi), want, atol=0)
+    # A NaN the mask keeps shows in both ends, as in an unmasked reduction.
+    x[np.unravel_index(np.flatnonzero(full)[0], shape)] = np.nan
+    lo, hi = observe(jnp.asarray(x), jnp.asarray(mask))
+    assert np.isnan(lo) and np.isnan(hi)
+
+  def test_a_row_mask_selects_rows_not_elements(self):
+    # XLA:CPU materialised a `where` over every element before reducing;
+    # with a row mask only the rows' minima and maxima are selected.
+    jaxpr = jax.make_jaxpr(lorap_jax.observe_minmax)(
+      jnp.zeros((300, 64)), jnp.zeros((300, 1), bool)
+    )
+    selected = [
+      eqn.outvars[0].aval.shape
+      for eqn in _equations(jaxpr.jaxpr)
+      if eqn.primitive.name == "select_n"
+    ]
+    assert (300, 1) in selected and (300, 64) not in selected, selected
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(

@@ -283,9 +283,22 @@ def observe_minmax(x: jax.Array, mask: jax.Array | None = None):
   """
   if mask is None:
     return jnp.min(x), jnp.max(x)
-  mask = jnp.broadcast_to(mask, x.shape)
-  lo = jnp.min(jnp.where(mask, x, jnp.inf))
-  hi = jnp.max(jnp.where(mask, x, -jnp.inf))
+  mask = jnp.asarray(mask)
+  mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+  # Along the axes the mask is broadcast over (a row mask's features), the
+  # min and max are taken first: min and max are exact in any order, and a
+  # `where` over the whole of `x` was materialised by XLA:CPU before each
+  # reduction (a fifth of a GIN training step's time).
+  spread = tuple(
+    axis
+    for axis, (m, n) in enumerate(zip(mask.shape, x.shape, strict=True))
+    if m == 1 and n != 1
+  )
+  x_lo = jnp.min(x, axis=spread, keepdims=True)
+  x_hi = jnp.max(x, axis=spread, keepdims=True)
+  mask = jnp.broadcast_to(mask, x_lo.shape)
+  lo = jnp.min(jnp.where(mask, x_lo, jnp.inf))
+  hi = jnp.max(jnp.where(mask, x_hi, -jnp.inf))
   anything = jnp.any(mask)
   return jnp.where(anything, lo, 0.0), jnp.where(anything, hi, 0.0)
 
