@@ -20,6 +20,7 @@ from absl.testing import parameterized
 
 import lorap_jax
 from lorap_jax._src import layers
+from lorap_jax._src import quantization as q_lib
 
 N_NODES = 7
 N_FEATURES = 5
@@ -310,6 +311,86 @@ def np_quant_gin(x, params, float_first_linear):
     h = np.maximum(h, 0.0)
   margins.append(tie_margin(h))
   return fq(h), min(margins)
+
+
+class _Messages(layers._QuantLayer):
+  """The "message" point on x[senders], given gathered or by index."""
+
+  @nn.compact
+  def __call__(self, x, senders, rows, *, by_index, train):
+    if by_index:
+      return self.qpoint(
+        "message", x, bits=BITS, train=train, rows=rows, index=senders
+      )
+    return self.qpoint(
+      "message", x[senders], bits=BITS, train=train, rows=rows.gather(senders)
+    )
+
+
+class IndexedPointTest(chex.TestCase):
+  """A point on gathered rows, quantized per row then gathered, is the point
+  on the gathered copies: values and ranges bit for bit, gradients up to
+  the order of their sums."""
+
+  @parameterized.named_parameters(
+    ("ema", q_lib.CalibrationConfig(mode="ema", momentum=0.01), False),
+    ("percentile_kept_rows", q_lib.CalibrationConfig(mode="percentile"), True),
+  )
+  def test_matches_the_gathered_copies(self, calibration, keep):
+    rng = np.random.default_rng(5)
+    # 64 features: enough copies for the 1% percentiles to differ from the
+    # minimum and maximum, and from the percentiles of the rows alone.
+    x = rng.normal(size=(8, 64)).astype(np.float32)
+    # Node 6 sends nothing and node 7 is padding: their extremes must not
+    # reach the range.
+    x[6], x[7] = 40.0, -40.0
+    senders = jnp.asarray([0, 1, 1, 2, 3, 3, 3, 4, 5, 0, 7, 7], jnp.int32)
+    real = jnp.arange(8) < 7
+    rows = layers.RowMasks(
+      observe=real & (jnp.arange(8) != 4) if keep else real,
+      keep=(jnp.arange(8) == 4) if keep else None,
+    )
+    quant = lorap_jax.QuantConfig(calibration=calibration, gradient="clipped")
+    module = _Messages(quant=quant)
+    variables = module.init(
+      jax.random.key(0), x, senders, rows, by_index=False, train=False
+    )
+    cotangent = jnp.asarray(rng.normal(size=(12, 64)), jnp.float32)
+
+    def run(by_index, stats, xs, train):
+      def loss(xs):
+        out, new = module.apply(
+          {**variables, lorap_jax.QUANT_STATS: stats},
+          xs,
+          senders,
+          rows,
+          by_index=by_index,
+          train=train,
+          mutable=[lorap_jax.QUANT_STATS],
+        )
+        return jnp.sum(out * cotangent), (out, new[lorap_jax.QUANT_STATS])
+
+      (_, (out, new)), grad = jax.value_and_grad(loss, has_aux=True)(xs)
+      return out, new, grad
+
+    stats = {
+      name: variables[lorap_jax.QUANT_STATS] for name in ("gathered", "index")
+    }
+    for step, (scale, train) in enumerate(
+      ((1.0, True), (2.0, True), (3.0, False))
+    ):
+      xs = jnp.asarray(scale * x)
+      want, stats["gathered"], want_grad = run(
+        False, stats["gathered"], xs, train
+      )
+      got, stats["index"], grad = run(True, stats["index"], xs, train)
+      chex.assert_trees_all_equal(got, want)
+      chex.assert_trees_all_equal(stats["index"], stats["gathered"])
+      chex.assert_trees_all_close(grad, want_grad, rtol=1e-6, atol=1e-6)
+      # Clipped in the last step (evaluation on the stored range): the
+      # straight-through mask is in play.
+      assert step < 2 or np.asarray(grad == 0).any()
+    assert float(stats["index"]["message"].hi) < 40.0
 
 
 class QuantGINTest(chex.TestCase):

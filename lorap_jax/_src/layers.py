@@ -378,12 +378,32 @@ class _QuantLayer(nn.Module):
 
   quant: QuantConfig = quant_points.FP32
 
-  def qpoint(self, name, x, *, bits, train, rows: RowMasks = ALL_ROWS):
+  def qpoint(
+    self,
+    name,
+    x,
+    *,
+    bits,
+    train,
+    rows: RowMasks = ALL_ROWS,
+    index: jax.Array | None = None,
+  ):
     """Fake-quantizes `x` at the point `name`.
 
     Only the rows `rows.observe` set the range, and the rows `rows.keep`
     pass through unquantized (with an identity gradient).
+
+    With `index`, the point quantizes `x[index]` (messages that copy their
+    sender's row), observed with `rows.gather(index)`. The affine quantizer
+    then rounds each row of `x` once and gathers the result: the same
+    values and ranges, and the same gradients (its straight-through mask
+    depends on the value alone) summed in another order, without a pass
+    over every edge's copy.
     """
+    if index is not None and (
+      self.quant.mixq is not None or self.quant.a2q is not None
+    ):
+      x, rows, index = x[index], rows.gather(index), None
     if self.quant.mixq is not None:
       if not self.quant.active(name):
         return x
@@ -402,19 +422,38 @@ class _QuantLayer(nn.Module):
         clipped=self.quant.gradient == "clipped",
         observe=rows.observe,
       )
+    observed, observe = self._observed(x, rows, index)
     grid = point_grid(
       self,
       name,
-      x,
+      observed,
       bits=bits,
       config=self.quant,
       train=train,
-      mask=quantization.per_row(rows.observe, x.ndim),
+      mask=quantization.per_row(observe, x.ndim),
     )
+    if grid is None:
+      return x if index is None else x[index]
     y = apply_grid(x, grid, self.quant)
-    if grid is None or rows.keep is None:
+    if rows.keep is not None:
+      y = jnp.where(quantization.per_row(rows.keep, x.ndim), x, y)
+    if index is None:
       return y
-    return jnp.where(quantization.per_row(rows.keep, x.ndim), x, y)
+    # Quantized once per row: XLA:CPU would otherwise fuse the quantizer
+    # into the gather and run it again for every copy.
+    return jax.lax.optimization_barrier(y)[index]
+
+  def _observed(self, x, rows: RowMasks, index):
+    """What sets the range of a point on `x[index]` (or `x`): a tensor and
+    its row mask."""
+    if index is None:
+      return x, rows.observe
+    if self.quant.calibration.mode == "percentile":
+      return x[index], rows.gather(index).observe
+    # Min and max ignore how often a row is copied: the rows `index` names,
+    # observed once each, give the range of their copies.
+    named = jnp.zeros(x.shape[0], bool).at[index].set(True)
+    return x, named if rows.observe is None else named & rows.observe
 
 
 class QuantDense(_QuantLayer):
@@ -601,11 +640,7 @@ class QuantGINConv(_QuantLayer):
     n_nodes = x.shape[0]
     rows = node_row_masks(node_mask, protected)
     messages = self.qpoint(
-      "message",
-      x[graph.senders],
-      bits=bits,
-      train=train,
-      rows=rows.gather(graph.senders),
+      "message", x, bits=bits, train=train, rows=rows, index=graph.senders
     )
     neighbours = jax.ops.segment_sum(
       messages, graph.receivers, num_segments=n_nodes
@@ -646,7 +681,7 @@ class QuantGINConv(_QuantLayer):
       or self.float_first_linear
     ):
       return x
-    return a2q.quantize_point(
+    quantized = a2q.quantize_point(
       self,
       "xw",
       x,
@@ -654,6 +689,9 @@ class QuantGINConv(_QuantLayer):
       config=a2q_config,
       clipped=self.quant.gradient == "clipped",
     )
+    # Materialised once per node: XLA:CPU otherwise fused the quantizer into
+    # the message gather and ran it again for every edge.
+    return jax.lax.optimization_barrier(quantized)
 
   def _mlp_quant(self, i: int) -> QuantConfig:
     if i > 0 or not self.float_first_linear:
