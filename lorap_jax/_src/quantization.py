@@ -288,7 +288,7 @@ def observe_minmax(x: jax.Array, mask: jax.Array | None = None):
   # Along the axes the mask is broadcast over (a row mask's features), the
   # min and max are taken first: min and max are exact in any order, and a
   # `where` over the whole of `x` was materialised by XLA:CPU before each
-  # reduction (a fifth of a GIN training step's time).
+  # reduction (a quarter of a GIN training step's time: 206 -> 155 ms).
   spread = tuple(
     axis
     for axis, (m, n) in enumerate(zip(mask.shape, x.shape, strict=True))
