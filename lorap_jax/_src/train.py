@@ -521,11 +521,16 @@ def initial_train_state(
   )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_variables(model: models.GNN, rng, graph, bits):
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _init_variables(model: models.GNN, rng, graph, bits, train: bool = False):
   # One compiled program rather than hundreds of eager ops, and one per
-  # model (modules hash by value): seeds and folds reuse it.
-  return model.init(rng, graph, bits=bits, train=False)
+  # model (modules hash by value): seeds and folds reuse it. In training
+  # mode, dropout draws from the same key as in a training-mode `apply`
+  # with rngs {"params": rng, "dropout": rng}; BatchNorm normalises by the
+  # batch and, while initialising, leaves its averages at their start.
+  return model.init(
+    {"params": rng, "dropout": rng}, graph, bits=bits, train=train
+  )
 
 
 def create_train_state(
@@ -563,11 +568,13 @@ def create_train_state(
   if loss not in LOSSES:
     raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
   bits = jnp.asarray(bits, jnp.float32)
-  variables = _init_variables(model, rng, graph, bits)
-  if start_from is None and _mixq_with_batch_norm(model, variables):
-    variables = _calibrate_mixq_in_training_mode(
-      model, variables, graph, rng, bits
-    )
+  variables = _init_variables(
+    model,
+    rng,
+    graph,
+    bits,
+    start_from is None and _mixq_calibrates_in_training_mode(model),
+  )
   if start_from is not None:
     _, created = model.apply(
       {**variables, **start_from},
@@ -597,48 +604,23 @@ def create_train_state(
   )
 
 
-def _mixq_with_batch_norm(model, variables) -> bool:
-  return model.quant.mixq is not None and bool(variables.get("batch_stats"))
+def _mixq_calibrates_in_training_mode(model: models.GNN) -> bool:
+  """Whether MixQ calibrates `model` in a training-mode `init`.
 
-
-def _is_mixq_calibration(path: tuple[str, ...]) -> bool:
-  return path[-1].startswith("mixq_") and path[-1].endswith(("_scale", "_zero"))
-
-
-def _calibrate_mixq_in_training_mode(model, variables, graph, rng, bits):
-  """MixQ's scales and zero points calibrated on a training-mode pass.
-
-  MixQ calibrates once, on its first (training) batch. `init` runs in
-  evaluation mode, where BatchNorm divides by its initial running averages
-  (the identity): the sums of a GIN on dense graphs then grow layer by layer
-  (IMDB-MULTI: degrees near 100, five layers), and scales calibrated on them
-  are orders of magnitude wider than the batch-normalised activations of
-  training (2026-12-06: every IMDB-MULTI run diverged, losses in the
-  thousands). Models without BatchNorm keep `init`'s calibration, which
-  differs from a training pass by dropout only.
+  MixQ calibrates once, on its first (training) batch. In evaluation mode
+  BatchNorm divides by its initial running averages (the identity): the
+  sums of a GIN on dense graphs then grow layer by layer (IMDB-MULTI:
+  degrees near 100, five layers), and scales calibrated on them are orders
+  of magnitude wider than the batch-normalised activations of training
+  (2026-12-06: every IMDB-MULTI run diverged, losses in the thousands).
+  Models without BatchNorm keep an evaluation-mode `init`, whose
+  calibration differs from a training pass by dropout only.
   """
-  flat = flax.traverse_util.flatten_dict(variables["params"])
-  kept = {k: v for k, v in flat.items() if not _is_mixq_calibration(k)}
-  uncalibrated = {
-    **variables,
-    "params": flax.traverse_util.unflatten_dict(kept),
-  }
-  params = _training_mode_params(model, uncalibrated, graph, rng, bits)
-  return {**variables, "params": params}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _training_mode_params(model, variables, graph, rng, bits):
-  # Missing parameters are created as in `init`, on a training-mode pass.
-  _, created = model.apply(
-    variables,
-    graph,
-    bits=bits,
-    train=True,
-    mutable=True,
-    rngs={"params": rng, "dropout": rng},
+  return (
+    model.quant.mixq is not None
+    and model.model.architecture == "gin"
+    and model.model.batch_norm
   )
-  return created["params"]
 
 
 # ---------------------------------------------------------------------------
