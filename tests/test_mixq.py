@@ -49,6 +49,24 @@ def test_one_bit_range_is_minus_one_to_one():
   assert mixq.integer_range(4) == (-8.0, 7.0)
 
 
+def test_an_array_width_quantizes_as_the_integer_width(activations):
+  widths = np.arange(1, 17)
+  lo, hi = jax.jit(mixq.integer_range)(jnp.asarray(widths))
+  for i, bits in enumerate(widths):
+    assert (lo[i], hi[i]) == mixq.integer_range(int(bits))
+  x = jnp.asarray(activations)
+  scale, zero = mixq.calibrate(x, 3, axes=(0,))
+
+  def quantized(values, s, z, bits):
+    return jnp.sum(jnp.sin(mixq.fake_quantize(values, s, z, bits)))
+
+  # Both compiled (eager means sum in another order): the int a constant.
+  gradient = jax.value_and_grad(quantized, (0, 1, 2))
+  by_int = jax.jit(gradient, static_argnums=3)(x, scale, zero, 3)
+  by_array = jax.jit(gradient)(x, scale, zero, jnp.int32(3))
+  chex.assert_trees_all_equal(by_array, by_int)
+
+
 def test_custom_gradients(activations):
   x = jnp.asarray(activations)
   scale = jnp.full((1, 5), 0.2)
@@ -172,6 +190,43 @@ def test_fixed_widths_and_missing_components():
     mixq.MixQConfig(candidates=(0, 4))
   with pytest.raises(ValueError, match="granularity='row'"):
     mixq.MixQConfig(granularity="row")
+
+
+def test_every_selection_lowers_to_one_program(data_dir):
+  """The fixed stage stores its widths as state: two folds' selections
+  lower to the same train and evaluation programs, which the compilation
+  cache then compiles once, and each still trains at its own widths."""
+  config = lorap_jax.get_config("mutag")
+  config.quant.framework, config.prompt.kind = "mixq", "lorap"
+  config.model.num_layers, config.model.hidden = 2, 16
+  dataset = lorap_jax.load_dataset("mutag", data_dir)
+  budgets = lorap_jax.make_budgets(dataset.graphs, 32)
+  batch = next(
+    lorap_jax.iterate_batches(
+      dataset, np.arange(32), 32, budgets, shuffle=False
+    )
+  )
+  search = lorap_jax.create_model(config, num_classes=2, task="graph")
+  variables = search.init(jax.random.key(0), batch.graph, bits=4.0, train=False)
+  components = mixq.selected_widths(variables["params"], search.quant.mixq)
+  programs, losses = [], []
+  for width in (2, 8):
+    config.mixq.selected = ",".join(f"{c}={width}" for c in components)
+    model = lorap_jax.create_model(config, num_classes=2, task="graph")
+    state = train.create_train_state(
+      model, optax.adam(1e-3), batch.graph, jax.random.key(0), 4.0
+    )
+    stored = flax.traverse_util.flatten_dict(state.quant_stats)
+    assert {int(v) for k, v in stored.items() if k[-1].endswith("_bits")} == {
+      width
+    }
+    step_batch = lorap_jax.Batch(batch.graph, batch.labels, batch.graph_mask)
+    programs.append(
+      train.train_step.lower(state, step_batch, jax.random.key(1)).as_text()
+    )
+    losses.append(train.train_step(state, step_batch, jax.random.key(1))[1])
+  assert programs[0] == programs[1]
+  assert losses[0]["loss"] != losses[1]["loss"]
 
 
 def test_mixture_under_jit_and_vmap(activations):

@@ -131,8 +131,13 @@ class RunCheckpointer:
             progress=ocp.args.JsonRestore(),
           ),
         )
-      # Any failure to read means the checkpoint is unusable.
+      # Any failure to read means the checkpoint is unusable, but one of
+      # another layout is whole: an older one would be too, and starting
+      # the run again would overwrite them.
       except Exception as error:
+        if _is_another_layout(error):
+          path = self.directory / "latest" / str(epoch)
+          raise _another_layout(path) from error
         warnings.warn(
           f"checkpoint {self.directory / 'latest' / str(epoch)} is "
           f"unreadable ({type(error).__name__}: {error}); falling back to "
@@ -173,15 +178,9 @@ class RunCheckpointer:
         args=ocp.args.Composite(state=ocp.args.StandardRestore(template)),
       )
     except ValueError as error:
-      if "structures do not match" not in str(error):
+      if not _is_another_layout(error):
         raise
-      raise ValueError(
-        f"the checkpoint {self.directory / 'best' / str(epoch)} holds a "
-        "state of another layout than this run's model and optimizer: "
-        "another config, or lorap_jax before 2026-12-04, when a step "
-        "decay moved into the optimizer's state. Resume it with the code "
-        "and config that wrote it, or train into a new workdir."
-      ) from error
+      raise _another_layout(self.directory / "best" / str(epoch)) from error
     return placed_as(restored.state, template)
 
   def latest_epoch(self) -> int | None:
@@ -200,6 +199,23 @@ class RunCheckpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _is_another_layout(error: Exception) -> bool:
+  return isinstance(error, ValueError) and "structures do not match" in str(
+    error
+  )
+
+
+def _another_layout(path: pathlib.Path) -> ValueError:
+  return ValueError(
+    f"the checkpoint {path} holds a state of another layout than this "
+    "run's model and optimizer: another config, or lorap_jax before "
+    "2026-12-04, when a step decay moved into the optimizer's state, or "
+    "before 2026-12-06 for MixQ's fixed stage, whose widths moved into the "
+    "quantizers' state. Resume it with the code and config that wrote it, "
+    "or train into a new workdir."
+  )
 
 
 def run_checkpointer(directory: pathlib.Path, settings) -> RunCheckpointer:

@@ -32,6 +32,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lorap_jax._src import quantization
 from lorap_jax._src.revisits import shared_param, sow_once
@@ -41,6 +42,9 @@ from lorap_jax._src.revisits import shared_param, sow_once
 EXPECTED_MEMORY = "mixq_expected_memory"
 OPERATIONS = "mixq_operations"
 GRANULARITIES = ("tensor", "column")
+# The fixed stage keeps each component's width in the quantizers' state
+# (`quant_points.QUANT_STATS`; that module imports this one).
+_STATE = "quant_stats"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,11 +93,19 @@ class MixQConfig:
     return (chosen[component],)
 
 
-def integer_range(bits: int) -> tuple[float, float]:
-  """Signed [-2^(b-1), 2^(b-1) - 1]; the reference's b = 1 is [-1, 1]."""
-  if bits == 1:
-    return -1.0, 1.0
-  return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+def integer_range(bits):
+  """Signed [-2^(b-1), 2^(b-1) - 1]; the reference's b = 1 is [-1, 1].
+
+  `bits` is an int (floats returned) or an integer array (float32 arrays).
+  """
+  if isinstance(bits, int | np.integer):
+    if bits == 1:
+      return -1.0, 1.0
+    return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+  bits = jnp.asarray(bits, jnp.int32)
+  half = jnp.left_shift(1, bits - 1).astype(jnp.float32)  # Exact, unlike exp2.
+  one_bit = bits == 1
+  return jnp.where(one_bit, -1.0, -half), jnp.where(one_bit, 1.0, half - 1.0)
 
 
 def _reduction_axes(x: jax.Array, granularity: str, weight: bool):
@@ -125,8 +137,7 @@ def _sum_to(grad: jax.Array, shape) -> jax.Array:
   return jnp.sum(grad, axes, keepdims=True).reshape(shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fake_quantize(x, scale, zero_point, bits: int, mean_axis: int = 0):
+def fake_quantize(x, scale, zero_point, bits, mean_axis: int = 0):
   """MixQ's FakeQuantize: y = s (round(clip(z + x / s)) - z).
 
   Gradients (its custom backward): x gets the clipped STE (zero where
@@ -134,21 +145,25 @@ def fake_quantize(x, scale, zero_point, bits: int, mean_axis: int = 0):
   zero point mean(g) over `mean_axis` (PyTorch's dim 0: nodes for
   activations, output features for [out, in] weights, i.e. axis 1 of our
   [in, out] kernels), summed down to their shapes: heuristics, not the
-  exact derivatives.
+  exact derivatives. `bits`: an int, or an integer array (no gradient).
   """
   qmin, qmax = integer_range(bits)
+  return _fake_quantize(x, scale, zero_point, qmin, qmax, mean_axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fake_quantize(x, scale, zero_point, qmin, qmax, mean_axis):
   codes = jnp.round(jnp.clip(zero_point + x / scale, qmin, qmax))
   return scale * (codes - zero_point)
 
 
-def _fake_quantize_fwd(x, scale, zero_point, bits, mean_axis):
-  y = fake_quantize(x, scale, zero_point, bits, mean_axis)
-  return y, (x, scale, zero_point)
+def _fake_quantize_fwd(x, scale, zero_point, qmin, qmax, mean_axis):
+  y = _fake_quantize(x, scale, zero_point, qmin, qmax, mean_axis)
+  return y, (x, scale, zero_point, qmin, qmax)
 
 
-def _fake_quantize_bwd(bits, mean_axis, residuals, g):
-  x, scale, zero_point = residuals
-  qmin, qmax = integer_range(bits)
+def _fake_quantize_bwd(mean_axis, residuals, g):
+  x, scale, zero_point, qmin, qmax = residuals
   shifted = zero_point + x / (scale + 1e-16)
   inside = (shifted >= qmin) & (shifted <= qmax)
   grad_scale = jnp.mean(g * (shifted - zero_point), mean_axis, keepdims=True)
@@ -157,10 +172,12 @@ def _fake_quantize_bwd(bits, mean_axis, residuals, g):
     jnp.where(inside, g, 0.0),
     _sum_to(grad_scale, scale.shape),
     _sum_to(grad_zero, zero_point.shape),
+    jnp.zeros_like(qmin),
+    jnp.zeros_like(qmax),
   )
 
 
-fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
+_fake_quantize.defvjp(_fake_quantize_fwd, _fake_quantize_bwd)
 
 
 def initial_logits(widths: tuple[int, ...]) -> jax.Array:
@@ -170,6 +187,20 @@ def initial_logits(widths: tuple[int, ...]) -> jax.Array:
 
 def component_name(module: nn.Module, point: str) -> str:
   return "/".join((*module.path, point))
+
+
+def _stored_width(module: nn.Module, name: str, width: int) -> jax.Array:
+  """The fixed stage's width of a point, kept in the quantizers' state.
+
+  Read at run time, the width is an input of the compiled steps rather
+  than a constant in them: every selection (each fold's, each seed's)
+  lowers to the same program, which JAX's compilation cache then compiles
+  once. A revisited point reads the stored value.
+  """
+  key = f"mixq_{name}_bits"
+  if not module.has_variable(_STATE, key):
+    module.put_variable(_STATE, key, jnp.int32(width))
+  return module.get_variable(_STATE, key)
 
 
 def quantize_point(
@@ -189,6 +220,8 @@ def quantize_point(
   expected memory into `EXPECTED_MEMORY`.
   """
   widths = config.widths(component_name(module, name))
+  if config.selected is not None:
+    widths = (_stored_width(module, name, widths[0]),)
   weight = name == "weight"
   axes = _reduction_axes(x, config.granularity, weight)
   seen = x
