@@ -216,8 +216,9 @@ def quantize_point(
   Creates, in "params": ``mixq_<point>_scale`` / ``_zero`` ([K, ...],
   calibrated from the tensor seen at initialisation), ``mixq_<point>_logits``
   ([K]), and for weights ``mixq_<point>_copies``, the K - 1 extra weight
-  copies (initialised equal, trained apart; see the module notes). Sows the
-  expected memory into `EXPECTED_MEMORY`.
+  copies (initialised equal, trained apart; see the module notes). With a
+  selection (the fixed stage), also the width, ``mixq_<point>_bits`` in
+  "quant_stats". Sows the expected memory into `EXPECTED_MEMORY`.
   """
   widths = config.widths(component_name(module, name))
   if config.selected is not None:
