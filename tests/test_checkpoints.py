@@ -256,8 +256,8 @@ def test_a_selected_state_of_another_layout_is_refused_by_name(tmp_path):
   reader = checkpoints.RunCheckpointer(tmp_path, every=1, keep=1)
   with pytest.raises(ValueError, match=r"best/7 holds a state of another"):
     reader.restore_best(template)
-  # Not taken for an unreadable one: falling back to older checkpoints of
-  # the same layout, or starting again, would overwrite them.
+  # Nor is the newest state taken for unreadable: falling back to older
+  # ones of the same layout, or starting again, would overwrite them.
   with pytest.raises(ValueError, match=r"latest/7 holds a state of another"):
     reader.restore_latest(template)
   reader.close()

@@ -194,8 +194,8 @@ def test_fixed_widths_and_missing_components():
 
 def test_every_selection_lowers_to_one_program(data_dir):
   """The fixed stage stores its widths as state: two folds' selections
-  lower to the same train and evaluation programs, which the compilation
-  cache then compiles once, and each still trains at its own widths."""
+  lower to the same train-step program, which the compilation cache then
+  compiles once, and each still trains at its own widths."""
   config = lorap_jax.get_config("mutag")
   config.quant.framework, config.prompt.kind = "mixq", "lorap"
   config.model.num_layers, config.model.hidden = 2, 16
