@@ -525,9 +525,9 @@ def initial_train_state(
 def _init_variables(model: models.GNN, rng, graph, bits, train: bool = False):
   # One compiled program rather than hundreds of eager ops, and one per
   # model (modules hash by value): seeds and folds reuse it. In training
-  # mode, dropout draws from the same key as in a training-mode `apply`
-  # with rngs {"params": rng, "dropout": rng}; BatchNorm normalises by the
-  # batch and, while initialising, leaves its averages at their start.
+  # mode (MixQ's calibration with BatchNorm) dropout draws from `rng` too,
+  # and BatchNorm normalises by the batch but, while initialising, leaves
+  # its running averages at their start.
   return model.init(
     {"params": rng, "dropout": rng}, graph, bits=bits, train=train
   )
