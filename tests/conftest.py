@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 
 # Rank promotion hides shape bugs; strict dtype promotion stays off because
@@ -78,6 +79,20 @@ def data_dir() -> pathlib.Path:
   if found is None or not found.is_dir():
     pytest.skip("no data directory: set LORAP_DATA_DIR to the datasets")
   return found
+
+
+@pytest.fixture(scope="session")
+def mutag_first_batch(data_dir):
+  """MUTAG's first 32 graphs as one padded batch: a small graph-task input."""
+  import lorap_jax  # Here: this module sets JAX's options before any import.
+
+  dataset = lorap_jax.load_dataset("mutag", data_dir)
+  budgets = lorap_jax.make_budgets(dataset.graphs, 32)
+  return next(
+    lorap_jax.iterate_batches(
+      dataset, np.arange(32), 32, budgets, shuffle=False
+    )
+  )
 
 
 @pytest.fixture

@@ -318,20 +318,16 @@ def test_per_layer_masks_differ_from_a_shared_mask():
   assert not np.allclose(a, b)
 
 
-def test_dq_train_step_under_jit_and_vmap_over_bits(data_dir):
+def test_dq_train_step_under_jit_and_vmap_over_bits(
+  data_dir, mutag_first_batch
+):
   config = lorap_jax.get_config("mutag")
   config.quant.framework = "dq"
   config.prompt.kind = "lorap"
   config.model.num_layers = 2
   config.model.hidden = 16
   config.data_dir = str(data_dir)
-  dataset = lorap_jax.load_dataset("mutag", data_dir)
-  budgets = lorap_jax.make_budgets(dataset.graphs, 32)
-  batch = next(
-    lorap_jax.iterate_batches(
-      dataset, np.arange(32), 32, budgets, shuffle=False
-    )
-  )
+  batch = mutag_first_batch
   model = lorap_jax.create_model(config, num_classes=2, task="graph")
   state = lorap_jax.create_train_state(
     model,

@@ -192,20 +192,14 @@ def test_fixed_widths_and_missing_components():
     mixq.MixQConfig(granularity="row")
 
 
-def test_every_selection_lowers_to_one_program(data_dir):
+def test_every_selection_lowers_to_one_program(mutag_first_batch):
   """The fixed stage stores its widths as state: two folds' selections
   lower to the same train-step program, which the compilation cache then
   compiles once, and each still trains at its own widths."""
   config = lorap_jax.get_config("mutag")
   config.quant.framework, config.prompt.kind = "mixq", "lorap"
   config.model.num_layers, config.model.hidden = 2, 16
-  dataset = lorap_jax.load_dataset("mutag", data_dir)
-  budgets = lorap_jax.make_budgets(dataset.graphs, 32)
-  batch = next(
-    lorap_jax.iterate_batches(
-      dataset, np.arange(32), 32, budgets, shuffle=False
-    )
-  )
+  batch = mutag_first_batch
   search = lorap_jax.create_model(config, num_classes=2, task="graph")
   variables = search.init(jax.random.key(0), batch.graph, bits=4.0, train=False)
   components = mixq.selected_widths(variables["params"], search.quant.mixq)
