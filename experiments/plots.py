@@ -25,6 +25,9 @@ Figures (PNG) and their numbers (CSV of the same name) go to `--out`
   layer's input before aggregation ("pre", `prompt.position`), at 2/4/8
   bits.
 - `aggregation_error`: the mechanism; see `aggregation_errors`.
+- `error_structure`: is that error a shift, or low-rank? The share of it
+  that a constant shift, a shift per in-degree bucket or a rank-r
+  correction (LoRAP's form) could cancel; see `error_structure`.
 
 Every trained configuration is one row of `runs.csv` (per seed); a rerun
 reads it and trains only what is missing (`--no-reuse` retrains). The
@@ -58,6 +61,15 @@ MECHANISM_BITS = 4
 # In-degree buckets (neighbours, self-loop not counted): (low, high), high
 # inclusive, None for no upper bound.
 DEGREE_BUCKETS = ((0, 0), (1, 1), (2, 3), (4, 7), (8, 15), (16, None))
+# Ranks at which the aggregation error's structure is measured.
+STRUCTURE_RANKS = (1, 2, 4, 8)
+STRUCTURE_MEASURES = (
+  "shift",
+  "degree_shift",
+  *(f"rank_{r}" for r in STRUCTURE_RANKS),
+  *(f"from_aggregate_rank_{r}" for r in STRUCTURE_RANKS),
+  "from_aggregate",
+)
 RUN_FIELDS = ("key", "seed", "best_epoch", "val_acc", "test_acc", "diverged")
 
 
@@ -104,21 +116,29 @@ def cell_key(protocol: Protocol, overrides: Mapping) -> str:
 
 
 class RunCache:
-  """`runs.csv`: one row per trained (configuration, seed)."""
+  """`runs.csv`: one row per trained (configuration, seed).
+
+  `reuse=False` trains again every run asked for, but keeps the rows of
+  the others (panels not made this time) in the file.
+  """
 
   def __init__(self, path: pathlib.Path, reuse: bool = True):
     self.path = path
+    self.reuse = reuse
     self.rows: dict[tuple[str, int], dict] = {}
-    if reuse and path.exists():
+    self.trained: set[tuple[str, int]] = set()
+    if path.exists():
       with open(path, newline="") as file:
         for row in csv.DictReader(file):
           self.rows[(row["key"], int(row["seed"]))] = row
 
   def missing(self, key: str, seeds: Iterable[int]) -> list[int]:
-    return [s for s in seeds if (key, s) not in self.rows]
+    usable = self.rows if self.reuse else self.trained
+    return [s for s in seeds if (key, s) not in usable]
 
   def add(self, key: str, seed: int, **metrics) -> None:
     self.rows[(key, seed)] = {"key": key, "seed": seed, **metrics}
+    self.trained.add((key, seed))
 
   def save(self) -> None:
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +290,18 @@ def bucket_means(values: np.ndarray, index: np.ndarray, n_buckets: int):
 
 
 def aggregation_errors(model, variables, graph, bits) -> list[np.ndarray]:
-  """Per layer, every node's aggregation quantization error [n_nodes].
+  """Per layer, every node's aggregation quantization error [n_nodes]:
+  `node_errors` of each of `aggregate_pairs`."""
+  return [
+    node_errors(quantized, reference)
+    for quantized, reference in aggregate_pairs(model, variables, graph, bits)
+  ]
+
+
+def aggregate_pairs(
+  model, variables, graph, bits
+) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per layer, (S_q, S_fp), each [n_nodes, d].
 
   For a trained quantized GCN, layer l, in evaluation mode:
     H_l  = the layer's input as the quantized model computes it (H_0 = X,
@@ -280,10 +311,10 @@ def aggregation_errors(model, variables, graph, bits) -> list[np.ndarray]:
     S_q  = the aggregate the quantized layer passes to its update:
            Q_agg(sum_j Q_msg(a_ij Q_xw(Q_in(H_l) Q_w(W_l))_j)), and with
            LoRAP Q_agg(S_hat + P) after the prompt;
-  and the error of node i is ||S_q[i] - S_fp[i]||_2 / mean_j
-  ||S_fp[j]||_2 (`node_errors`). The prompt is not trained to match S_fp
-  (the backbone trains with it), so this measures how far the aggregate
-  the update sees sits from the float aggregation, not a training target.
+  S_q - S_fp is the aggregation error. The prompt is not trained to match
+  S_fp (the backbone trains with it), so this measures how far the
+  aggregate the update sees sits from the float aggregation, not a
+  training target.
   """
   _, state = model.apply(
     variables,
@@ -300,14 +331,117 @@ def aggregation_errors(model, variables, graph, bits) -> list[np.ndarray]:
   if isinstance(nodes, lorap_jax.SparseFeatures):
     nodes = nodes.to_dense()
   h = nodes
-  errors = []
+  pairs = []
   for i in range(model.model.num_layers):
     layer = sown[f"conv_{i}"]
     kernel = variables["params"][f"conv_{i}"]["linear"]["kernel"]
     reference = fp32_gcn_aggregate(h, kernel, graph.senders, graph.receivers)
-    errors.append(node_errors(layer["aggregate"][0], reference))
+    pairs.append((np.asarray(layer["aggregate"][0]), np.asarray(reference)))
     h = jax.nn.relu(layer["__call__"][0].nodes)
-  return errors
+  return pairs
+
+
+def error_structure(
+  error: np.ndarray,
+  groups: np.ndarray,
+  aggregate: np.ndarray | None = None,
+  ranks: Sequence[int] = STRUCTURE_RANKS,
+) -> dict[str, float]:
+  """How much of an aggregation error E [n_nodes, d] is structured.
+
+  Fractions of ||E||_F^2 that a correction of each form could cancel at
+  best (least squares):
+    shift:        one vector added to every node (E's column means; what
+                  a single bias or GPF-style prompt could remove);
+    degree_shift: one vector per in-degree bucket (`groups`, the bucket
+                  index per node): a bias that depends on in-degree only;
+    rank_r:       any correction whose rows lie in an r-dimensional space,
+                  with per-node coefficients (E's top r singular values).
+                  LoRAP's P = (alpha P_A) P_B is of this form (rows in
+                  P_B's row space), so this bounds what a rank-r LoRAP
+                  could cancel; NaN where r exceeds d.
+  With the aggregate S_q the layer's update sees ([n_nodes, d]), also
+  `predictable_shares`: what a prompt computed from it could cancel.
+  The same measures of `shuffled_structure` say what they give on an
+  error without structure across nodes.
+  """
+  error = np.asarray(error, np.float64)
+  total = float(np.sum(error**2))
+  if not total > 0:
+    raise ValueError(f"the error has no energy to split ({total})")
+  out = {"shift": error.shape[0] * float(np.sum(error.mean(0) ** 2)) / total}
+  explained = 0.0
+  for g in np.unique(groups):
+    inside = error[groups == g]
+    explained += inside.shape[0] * float(np.sum(inside.mean(0) ** 2))
+  out["degree_shift"] = explained / total
+  energy = np.cumsum(np.linalg.svd(error, compute_uv=False) ** 2) / total
+  for r in ranks:
+    out[f"rank_{r}"] = float(energy[r - 1]) if r <= error.shape[1] else np.nan
+  if aggregate is not None:
+    out.update(predictable_shares(error, aggregate, ranks))
+  return out
+
+
+def predictable_shares(
+  error: np.ndarray,
+  aggregate: np.ndarray,
+  ranks: Sequence[int] = STRUCTURE_RANKS,
+  seed: int = 0,
+) -> dict[str, float]:
+  """Shares of E that an affine map of the aggregate predicts, on nodes
+  it was not fitted on.
+
+  LoRAP's prompt is a function of the aggregate, of rank r. Here that
+  function is linear: E ~ [S, 1] C, fitted by least squares on one random
+  half of the nodes and scored on the other, both ways round (the
+  residuals of the two halves summed). `from_aggregate_rank_r` restricts C
+  to rank r (reduced-rank regression: the fit projected on the top r
+  directions of its fitted values; NaN where r exceeds d),
+  `from_aggregate` keeps it whole. Out of sample, a share can be negative.
+  """
+  error = np.asarray(error, np.float64)
+  n_nodes, d = error.shape
+  inputs = np.concatenate(
+    [np.asarray(aggregate, np.float64), np.ones((n_nodes, 1))], axis=1
+  )
+  order = np.random.default_rng(seed).permutation(n_nodes)
+  halves = (order[: n_nodes // 2], order[n_nodes // 2 :])
+  kept = [r for r in ranks if r <= d]
+  residual = dict.fromkeys([*kept, d], 0.0)
+  for fit_on, score_on in (halves, halves[::-1]):
+    coefficients = np.linalg.lstsq(inputs[fit_on], error[fit_on], rcond=None)[0]
+    directions = np.linalg.svd(
+      inputs[fit_on] @ coefficients, full_matrices=False
+    )[2]
+    for r in residual:
+      projected = coefficients @ directions[:r].T @ directions[:r]
+      misfit = error[score_on] - inputs[score_on] @ projected
+      residual[r] += float(np.sum(misfit**2))
+  total = float(np.sum(error**2))
+  out = {
+    f"from_aggregate_rank_{r}": 1.0 - residual[r] / total if r <= d else np.nan
+    for r in ranks
+  }
+  out["from_aggregate"] = 1.0 - residual[d] / total
+  return out
+
+
+def shuffled_structure(
+  error: np.ndarray,
+  groups: np.ndarray,
+  aggregate: np.ndarray | None = None,
+  *,
+  seed: int = 0,
+  **kwargs,
+) -> dict[str, float]:
+  """`error_structure` of E with each column permuted over the nodes on
+  its own: the same column means and spreads, no structure across nodes or
+  between columns (the null the fractions are read against)."""
+  rng = np.random.default_rng(seed)
+  error = np.asarray(error, np.float64)
+  shuffled = np.stack([rng.permutation(column) for column in error.T], 1)
+  return error_structure(shuffled, groups, aggregate, **kwargs)
 
 
 def train_selected(config, dataset, seed: int):
@@ -345,20 +479,31 @@ def train_selected(config, dataset, seed: int):
   return model, best, graph
 
 
+def _cached_rows(path: pathlib.Path, epochs: int, reuse: bool) -> list[dict]:
+  if not (reuse and path.exists()):
+    return []
+  with open(path, newline="") as file:
+    return [r for r in csv.DictReader(file) if int(r["epochs"]) == epochs]
+
+
 def mechanism(protocol: Protocol, out: pathlib.Path, reuse: bool):
-  """Per seed, bucket and layer: the mean aggregation error (cached CSV)."""
-  path = out / "aggregation_error_runs.csv"
-  done = {}
-  if reuse and path.exists():
-    with open(path, newline="") as file:
-      for row in csv.DictReader(file):
-        done[(row["prompt"], int(row["seed"]), int(row["epochs"]))] = True
-  rows = []
-  if path.exists() and reuse:
-    with open(path, newline="") as file:
-      rows = [
-        r for r in csv.DictReader(file) if int(r["epochs"]) == protocol.epochs
-      ]
+  """Per seed and layer: the mean aggregation error per in-degree bucket,
+  and the error's structure (`error_structure`, and on shuffled errors),
+  from the same trained models; two cached CSVs, a seed trained again
+  where either lacks it. Returns (error rows, structure rows)."""
+  error_path = out / "aggregation_error_runs.csv"
+  structure_path = out / "error_structure_runs.csv"
+  errors = _cached_rows(error_path, protocol.epochs, reuse)
+  structures = [  # Rows of an older set of measures count as missing.
+    r
+    for r in _cached_rows(structure_path, protocol.epochs, reuse)
+    if all(m in r for m in STRUCTURE_MEASURES)
+  ]
+
+  def runs(rows):
+    return {(r["prompt"], int(r["seed"])) for r in rows}
+
+  finished = runs(errors) & runs(structures)
   dataset = lorap_jax.load_dataset("cora", os.environ.get("LORAP_DATA_DIR"))
   degrees = in_degrees(
     dataset.graph.senders, dataset.graph.receivers, dataset.labels.shape[0]
@@ -369,27 +514,53 @@ def mechanism(protocol: Protocol, out: pathlib.Path, reuse: bool):
       protocol, **{"quant.bits": MECHANISM_BITS, "prompt.kind": prompt}
     )
     for seed in range(protocol.seeds):
-      if (prompt, seed, protocol.epochs) in done:
+      if (prompt, seed) in finished:
         continue
       model, state, graph = train_selected(config, dataset, seed)
-      errors = aggregation_errors(model, state.variables(), graph, state.bits)
-      for layer, node_error in enumerate(errors):
-        means = bucket_means(node_error, index, len(DEGREE_BUCKETS))
+      pairs = aggregate_pairs(model, state.variables(), graph, state.bits)
+      errors = [
+        r for r in errors if (r["prompt"], int(r["seed"])) != (prompt, seed)
+      ]
+      structures = [
+        r for r in structures if (r["prompt"], int(r["seed"])) != (prompt, seed)
+      ]
+      run = {"prompt": prompt, "seed": seed, "epochs": protocol.epochs}
+      for layer, (quantized, reference) in enumerate(pairs):
+        means = bucket_means(
+          node_errors(quantized, reference), index, len(DEGREE_BUCKETS)
+        )
         for b, (low, high) in enumerate(DEGREE_BUCKETS):
-          rows.append(
+          errors.append(
             {
-              "prompt": prompt,
-              "seed": seed,
-              "epochs": protocol.epochs,
+              **run,
               "layer": layer,
               "bucket": bucket_label(low, high),
               "nodes": int(np.sum(index == b)),
               "error": float(means[b]),
             }
           )
-      write_csv(path, rows)
+        error = quantized.astype(np.float64) - reference
+        # ||E||^2 / ||S_fp||^2: how large the error is against the aggregate.
+        relative = float(
+          np.sum(error**2) / np.sum(reference.astype(np.float64) ** 2)
+        )
+        for source, measure in (
+          ("error", error_structure),
+          ("shuffled", shuffled_structure),
+        ):
+          structures.append(
+            {
+              **run,
+              "layer": layer,
+              "source": source,
+              "relative_energy": relative,
+              **measure(error, index, quantized),
+            }
+          )
+      write_csv(error_path, errors)
+      write_csv(structure_path, structures)
       print(f"  mechanism: {prompt} seed {seed} done", flush=True)
-  return rows
+  return errors, structures
 
 
 # ---------------------------------------------------------------------------
@@ -555,10 +726,11 @@ def plot_aggregation_error(rows, path: pathlib.Path, seeds: int):
   plt.close(fig)
 
 
-def _seed_stats(rows, **where) -> tuple[float, float]:
+def _seed_stats(rows, column: str = "error", **where) -> tuple[float, float]:
+  """Mean and std over the rows (seeds) that match `where`, of `column`."""
   values = np.asarray(
     [
-      float(r["error"])
+      float(r[column])
       for r in rows
       if all(str(r[k]) == str(v) for k, v in where.items())
     ],
@@ -566,7 +738,7 @@ def _seed_stats(rows, **where) -> tuple[float, float]:
   )
   values = values[np.isfinite(values)]
   if values.size == 0:
-    return float("nan"), 0.0
+    return float("nan"), float("nan")
   return lorap_jax.mean_and_std(values)
 
 
@@ -593,6 +765,83 @@ def aggregation_error_summary(rows) -> list[dict]:
           }
         )
   return out
+
+
+def error_structure_summary(rows) -> list[dict]:
+  """Mean and std over seeds of every structure measure, per prompt, layer
+  and source (the error, or its shuffled null)."""
+  out = []
+  for prompt in ("none", "lorap"):
+    for layer in sorted({int(r["layer"]) for r in rows}):
+      for source in ("error", "shuffled"):
+        where = {"prompt": prompt, "layer": layer, "source": source}
+        seeds = sum(
+          all(str(r[k]) == str(v) for k, v in where.items()) for r in rows
+        )
+        if not seeds:
+          continue
+        row = {
+          "prompt": prompt,
+          "layer": layer + 1,
+          "source": source,
+          "seeds": seeds,
+        }
+        for column in ("relative_energy", *STRUCTURE_MEASURES):
+          mean, std = _seed_stats(rows, column, **where)
+          row[f"{column}_mean"], row[f"{column}_std"] = mean, std
+        out.append(row)
+  return out
+
+
+def plot_error_structure(rows, path: pathlib.Path, seeds: int):
+  plt = _pyplot()
+  layers = sorted({int(r["layer"]) for r in rows})
+  fig, axes = plt.subplots(len(layers), 1, figsize=(11, 3.4 * len(layers)))
+  labels = [
+    "from S\nfull rank"
+    if m == "from_aggregate"
+    else m.replace("from_aggregate", "from S")
+    .replace("_rank_", "\nrank ")
+    .replace("_", " ")
+    for m in STRUCTURE_MEASURES
+  ]
+  x = np.arange(len(labels))
+  bars = (
+    ("none", "error", "INT4 QAT"),
+    ("lorap", "error", "INT4 QAT + LoRAP"),
+    ("none", "shuffled", "INT4 QAT, error shuffled per column"),
+  )
+  for axis, layer in zip(np.atleast_1d(axes), layers, strict=True):
+    for j, (prompt, source, label) in enumerate(bars):
+      stats = [
+        _seed_stats(rows, m, prompt=prompt, layer=layer, source=source)
+        for m in STRUCTURE_MEASURES
+      ]
+      axis.bar(
+        x + (j - 1) * 0.27,
+        [s[0] for s in stats],
+        0.27,
+        yerr=[s[1] for s in stats],
+        capsize=2,
+        label=label,
+        color="0.7" if source == "shuffled" else None,
+      )
+    axis.set_xticks(x, labels, fontsize=8)
+    axis.set_ylim(top=1)  # Out-of-sample shares can fall below 0.
+    axis.axhline(0, color="black", lw=0.8)
+    axis.set_title(f"layer {layer + 1}")
+    axis.grid(alpha=0.3, axis="y")
+  np.atleast_1d(axes)[0].set_ylabel(
+    f"share of ||S_q - S_fp||^2 ({seeds} seeds)"
+  )
+  np.atleast_1d(axes)[0].legend(fontsize=7)
+  fig.suptitle(
+    "Cora GCN INT4: the share of the aggregation error that a shift, any "
+    "rank-r correction, or an affine map of the aggregate S could cancel"
+  )
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -631,8 +880,9 @@ def main(argv=None) -> None:
   print(f"protocol {protocol}, output {out}", flush=True)
 
   fp32_overrides = {"quant.framework": "fp32", "prompt.kind": "none"}
-  ensure_trained(cache, protocol, fp32_overrides, None)
-  fp32 = accuracy_row(cache, protocol, fp32_overrides, setting="fp32")
+  if only & {"bits", "position"}:  # The panels with an FP32 band.
+    ensure_trained(cache, protocol, fp32_overrides, None)
+    fp32 = accuracy_row(cache, protocol, fp32_overrides, setting="fp32")
 
   def framework_overrides(framework, prompt, bits=None):
     overrides = {"quant.framework": framework, "prompt.kind": prompt}
@@ -739,9 +989,15 @@ def main(argv=None) -> None:
     plot_pre_vs_post(rows, fp32, out / "pre_vs_post.png", protocol.seeds)
 
   if "mechanism" in only:
-    rows = mechanism(protocol, out, reuse)
-    write_csv(out / "aggregation_error.csv", aggregation_error_summary(rows))
-    plot_aggregation_error(rows, out / "aggregation_error.png", protocol.seeds)
+    errors, structures = mechanism(protocol, out, reuse)
+    write_csv(out / "aggregation_error.csv", aggregation_error_summary(errors))
+    plot_aggregation_error(
+      errors, out / "aggregation_error.png", protocol.seeds
+    )
+    write_csv(out / "error_structure.csv", error_structure_summary(structures))
+    plot_error_structure(
+      structures, out / "error_structure.png", protocol.seeds
+    )
   print(f"done in {time.perf_counter() - start:.0f} s", flush=True)
 
 

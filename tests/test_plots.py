@@ -121,6 +121,82 @@ def test_aggregation_errors_zero_in_fp32_positive_quantized(prompt):
     assert errors["int4"][layer].mean() > 1e-3
 
 
+def test_error_structure_shares():
+  rng = np.random.default_rng(0)
+  groups = rng.integers(0, 3, size=400)
+  # Rank 2 and zero-mean: two directions hold everything, no shift.
+  low_rank = rng.normal(size=(400, 2)) @ rng.normal(size=(2, 16))
+  low_rank -= low_rank.mean(0)
+  shares = plots.error_structure(low_rank, groups)
+  assert shares["rank_1"] < 0.9 and shares["rank_2"] == pytest.approx(1.0)
+  assert shares["shift"] == pytest.approx(0.0, abs=1e-12)
+  # A vector per group, plus a little noise: the per-group shift holds
+  # nearly all, one shared vector less.
+  offsets = rng.normal(size=(3, 16))
+  noise = 0.05 * rng.normal(size=(400, 16))
+  shifted = plots.error_structure(offsets[groups] + noise, groups)
+  assert shifted["degree_shift"] > 0.99 > shifted["shift"]
+  # The shares as numpy's least squares gives them.
+  error = rng.normal(size=(400, 16)) + 0.3
+  shares = plots.error_structure(error, groups, ranks=(1, 4, 16, 32))
+  total = np.sum(error**2)
+  assert shares["shift"] == pytest.approx(
+    1 - np.sum((error - error.mean(0)) ** 2) / total
+  )
+  u, s, vt = np.linalg.svd(error, full_matrices=False)
+  best_4 = (u[:, :4] * s[:4]) @ vt[:4]
+  assert shares["rank_4"] == pytest.approx(
+    1 - np.sum((error - best_4) ** 2) / total
+  )
+  assert shares["rank_16"] == pytest.approx(1.0) and np.isnan(shares["rank_32"])
+  # A LoRAP-form correction, rows in the span of any 4 vectors (P_B),
+  # fitted by least squares, cancels no more than the rank-4 share.
+  basis = rng.normal(size=(4, 16))
+  coefficients = np.linalg.lstsq(basis.T, error.T, rcond=None)[0].T
+  fitted = 1 - np.sum((error - coefficients @ basis) ** 2) / total
+  assert fitted <= shares["rank_4"] + 1e-12
+  # The shift is a rank-1 correction: rank 1 cancels at least as much.
+  assert shares["rank_1"] >= shares["shift"]
+  with pytest.raises(ValueError, match="no energy"):
+    plots.error_structure(np.zeros((5, 3)), np.zeros(5, int))
+
+
+def test_predictable_shares_find_an_affine_map_of_the_aggregate():
+  rng = np.random.default_rng(2)
+  aggregate = rng.normal(size=(600, 8))
+  # A rank-2 map of the aggregate: predictable at rank 2, not at rank 1.
+  mapped = aggregate @ rng.normal(size=(8, 2)) @ rng.normal(size=(2, 8))
+  shares = plots.predictable_shares(
+    mapped + 1e-3 * rng.normal(size=mapped.shape), aggregate, ranks=(1, 2, 16)
+  )
+  assert shares["from_aggregate_rank_2"] > 0.999
+  assert shares["from_aggregate_rank_1"] < 0.9
+  assert shares["from_aggregate"] > 0.999
+  assert np.isnan(shares["from_aggregate_rank_16"])
+  # Noise unrelated to the aggregate: nothing out of sample (a little below
+  # zero, the price of fitting 9 x 8 coefficients to 300 nodes).
+  noise = plots.predictable_shares(rng.normal(size=(600, 8)), aggregate)
+  assert -0.1 < noise["from_aggregate"] < 0.0
+  # Through `error_structure`, with every measure.
+  structure = plots.error_structure(mapped, np.zeros(600, int), aggregate)
+  assert structure["from_aggregate_rank_2"] == pytest.approx(1.0)
+  assert set(plots.STRUCTURE_MEASURES) == set(structure)
+
+
+def test_shuffled_null_keeps_columns_and_loses_structure():
+  rng = np.random.default_rng(1)
+  groups = rng.integers(0, 4, size=500)
+  # Rank 1 across nodes plus a shift (rank 2 in all), and a little noise.
+  error = np.outer(rng.normal(size=500), rng.normal(size=12)) + 0.5
+  error += 0.1 * rng.normal(size=error.shape)
+  shares = plots.error_structure(error, groups)
+  null = plots.shuffled_structure(error, groups, seed=3)
+  # Per-column permutations keep every column's mean, so the shift.
+  assert null["shift"] == pytest.approx(shares["shift"])
+  assert shares["rank_2"] > 0.98 and null["rank_2"] < 0.6
+  assert null == plots.shuffled_structure(error, groups, seed=3)
+
+
 def test_cell_key_and_cache(tmp_path):
   protocol = plots.Protocol(seeds=2, epochs=5)
   # Overrides equal to the default config do not change the key.
@@ -138,7 +214,18 @@ def test_cell_key_and_cache(tmp_path):
   reread = plots.RunCache(tmp_path / "runs.csv")
   assert reread.missing(key, range(2)) == [1]
   np.testing.assert_array_equal(reread.test_accuracies(key, [0]), [0.6])
-  assert plots.RunCache(tmp_path / "runs.csv", reuse=False).rows == {}
+  # Without reuse every run asked for trains again, and the file keeps the
+  # rows of the runs not asked for.
+  other = plots.cell_key(protocol, {"quant.bits": 8})
+  reread.add(other, 0, best_epoch=1, val_acc=0.1, test_acc=0.2, diverged=-1)
+  reread.save()
+  fresh = plots.RunCache(tmp_path / "runs.csv", reuse=False)
+  assert fresh.missing(key, range(2)) == [0, 1]
+  fresh.add(key, 1, best_epoch=4, val_acc=0.7, test_acc=0.8, diverged=-1)
+  fresh.save()
+  kept = plots.RunCache(tmp_path / "runs.csv")
+  assert kept.missing(key, range(2)) == [] and kept.missing(other, [0]) == []
+  np.testing.assert_array_equal(kept.test_accuracies(key, [0, 1]), [0.6, 0.8])
   assert plots.summarize(np.array([0.5, 0.7])) == pytest.approx(
     (60.0, np.std([50.0, 70.0], ddof=1))
   )
@@ -189,7 +276,31 @@ def test_figures_are_written(tmp_path):
   summary = plots.aggregation_error_summary(errors)
   assert {r["in_degree"] for r in summary} == {"1", "2-3", "4-7", "8-15", "16+"}
   assert summary[0]["error_mean"] == pytest.approx(0.15)
-  for name in "abcd":
+  structure = [
+    {
+      "prompt": p,
+      "seed": s,
+      "layer": layer,
+      "source": source,
+      "relative_energy": 0.5,
+      **{
+        m: 0.1 * (i + 1) + 0.01 * s
+        for i, m in enumerate(plots.STRUCTURE_MEASURES)
+      },
+    }
+    for p in ("none", "lorap")
+    for s in range(2)
+    for layer in range(2)
+    for source in ("error", "shuffled")
+  ]
+  structure[0]["rank_8"] = "nan"  # as read back from the CSV
+  plots.plot_error_structure(structure, tmp_path / "e.png", 2)
+  summary = plots.error_structure_summary(structure)
+  assert len(summary) == 8 and summary[0]["seeds"] == 2
+  assert summary[0]["shift_mean"] == pytest.approx(0.105)
+  # A NaN share (rank above d) is left out of its mean.
+  assert summary[0]["rank_8_mean"] == pytest.approx(0.61)
+  for name in "abcde":
     assert (tmp_path / f"{name}.png").stat().st_size > 5000
 
 
