@@ -301,7 +301,20 @@ def aggregation_errors(model, variables, graph, bits) -> list[np.ndarray]:
 def aggregate_pairs(
   model, variables, graph, bits
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per layer, (S_q, S_fp), each [n_nodes, d].
+  """`traced_aggregate_pairs` as numpy arrays."""
+  return [
+    (np.asarray(quantized), np.asarray(reference))
+    for quantized, reference in traced_aggregate_pairs(
+      model, variables, graph, bits
+    )
+  ]
+
+
+def traced_aggregate_pairs(
+  model, variables, graph, bits
+) -> list[tuple[jax.Array, jax.Array]]:
+  """Per layer, (S_q, S_fp), each [n_nodes, d] (jax arrays: differentiable,
+  and usable under `jax.jit`).
 
   For a trained quantized GCN, layer l, in evaluation mode:
     H_l  = the layer's input as the quantized model computes it (H_0 = X,
@@ -336,7 +349,7 @@ def aggregate_pairs(
     layer = sown[f"conv_{i}"]
     kernel = variables["params"][f"conv_{i}"]["linear"]["kernel"]
     reference = fp32_gcn_aggregate(h, kernel, graph.senders, graph.receivers)
-    pairs.append((np.asarray(layer["aggregate"][0]), np.asarray(reference)))
+    pairs.append((layer["aggregate"][0], reference))
     h = jax.nn.relu(layer["__call__"][0].nodes)
   return pairs
 
@@ -682,6 +695,12 @@ def plot_pre_vs_post(rows, fp32, path: pathlib.Path, seeds: int):
   plt.close(fig)
 
 
+def _seed_bars(axis, x, stats, width, **style) -> None:
+  """Bars of (mean, std) pairs over seeds, the stds as error bars."""
+  means, stds = zip(*stats, strict=True)
+  axis.bar(x, means, width, yerr=stds, **style)
+
+
 def plot_aggregation_error(rows, path: pathlib.Path, seeds: int):
   plt = _pyplot()
   layers = sorted({int(r["layer"]) for r in rows})
@@ -700,11 +719,11 @@ def plot_aggregation_error(rows, path: pathlib.Path, seeds: int):
         _seed_stats(rows, prompt=prompt, layer=layer, bucket=lab)
         for lab in present
       ]
-      axis.bar(
+      _seed_bars(
+        axis,
         x + (j - 0.5) * 0.38,
-        [s[0] for s in stats],
+        stats,
         0.38,
-        yerr=[s[1] for s in stats],
         capsize=3,
         label="INT4 QAT + LoRAP" if prompt == "lorap" else "INT4 QAT",
       )
@@ -817,11 +836,11 @@ def plot_error_structure(rows, path: pathlib.Path, seeds: int):
         _seed_stats(rows, m, prompt=prompt, layer=layer, source=source)
         for m in STRUCTURE_MEASURES
       ]
-      axis.bar(
+      _seed_bars(
+        axis,
         x + (j - 1) * 0.27,
-        [s[0] for s in stats],
+        stats,
         0.27,
-        yerr=[s[1] for s in stats],
         capsize=2,
         label=label,
         color="0.7" if source == "shuffled" else None,

@@ -17,16 +17,17 @@ import lorap_jax
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
-def _load_plots():
+def _load_script(name: str):
+  """An `experiments/` script as a module (they are not a package)."""
   spec = importlib.util.spec_from_file_location(
-    "plots_script", EXPERIMENTS / "plots.py"
+    f"{name}_script", EXPERIMENTS / f"{name}.py"
   )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-plots = _load_plots()
+plots = _load_script("plots")
 
 
 def _graph(n=9, features=4, seed=0):
@@ -35,12 +36,17 @@ def _graph(n=9, features=4, seed=0):
   senders = [s for s, r in pairs] + [r for s, r in pairs] + [3]
   receivers = [r for s, r in pairs] + [s for s, r in pairs] + [3]
   nodes = np.random.default_rng(seed).normal(size=(n, features))
+  return _graphs_tuple(nodes, senders, receivers)
+
+
+def _graphs_tuple(nodes, senders, receivers) -> jraph.GraphsTuple:
+  """One graph of float32 `nodes` [n, f] and int32 edges."""
   return jraph.GraphsTuple(
     nodes=jnp.asarray(nodes, jnp.float32),
     edges=None,
     senders=jnp.asarray(senders, jnp.int32),
     receivers=jnp.asarray(receivers, jnp.int32),
-    n_node=jnp.asarray([n], jnp.int32),
+    n_node=jnp.asarray([len(nodes)], jnp.int32),
     n_edge=jnp.asarray([len(senders)], jnp.int32),
     globals=None,
   )
@@ -195,6 +201,69 @@ def test_shuffled_null_keeps_columns_and_loses_structure():
   assert null["shift"] == pytest.approx(shares["shift"])
   assert shares["rank_2"] > 0.98 and null["rank_2"] < 0.6
   assert null == plots.shuffled_structure(error, groups, seed=3)
+
+
+def _random_graph(n_nodes=40, features=8, seed=0):
+  """An undirected random graph with non-negative features (no self-loops)."""
+  rng = np.random.default_rng(seed)
+  senders, receivers = rng.integers(0, n_nodes, (2, 3 * n_nodes))
+  keep = senders != receivers
+  senders, receivers = senders[keep], receivers[keep]
+  return _graphs_tuple(
+    np.abs(rng.normal(size=(n_nodes, features))),
+    np.concatenate([senders, receivers]),
+    np.concatenate([receivers, senders]),
+  )
+
+
+def test_prompts_fitted_to_cancel_the_error_leave_the_backbone():
+  cancelling = _load_script("error_cancelling")
+  graph, bits = _random_graph(), 4.0
+
+  def gcn(kind):
+    return lorap_jax.GNN(
+      model=lorap_jax.ModelConfig(num_classes=3, hidden=8),
+      quant=lorap_jax.QuantConfig(),
+      prompt=lorap_jax.PromptConfig(kind=kind, num_prompts=4, rank=2),
+    )
+
+  plain, prompted = gcn("none"), gcn("lorap")
+  trained = plain.init(jax.random.key(0), graph, bits=bits)
+  variables = cancelling.with_prompts(
+    prompted, trained, graph, bits, jax.random.key(1)
+  )
+  assert "prompt" in jax.tree.leaves(
+    lorap_jax.parameter_groups(variables["params"])
+  )
+  # The prompts start as a no-op: the errors are the plain model's.
+  before = cancelling.relative_errors(prompted, variables, graph, bits)
+  np.testing.assert_allclose(
+    before, cancelling.relative_errors(plain, trained, graph, bits), rtol=1e-6
+  )
+  fitted, losses = cancelling.fit_prompts(
+    prompted, variables, graph, bits, steps=100, learning_rate=3e-2
+  )
+  assert len(losses) == 101 and min(losses) < 0.85 * losses[0]
+  after = cancelling.relative_errors(prompted, fitted, graph, bits)
+  assert float(after.sum()) < 0.85 * float(before.sum())
+  groups = lorap_jax.parameter_groups(fitted["params"])
+  for label, old, new in zip(
+    jax.tree.leaves(groups),
+    jax.tree.leaves(variables["params"]),
+    jax.tree.leaves(fitted["params"]),
+    strict=True,
+  ):
+    if label != "prompt":
+      np.testing.assert_array_equal(old, new)
+  # Accuracy: the share of a mask's nodes whose argmax is the label.
+  logits = prompted.apply(fitted, graph, bits=bits, train=False)
+  labels = np.arange(40) % 3
+  mask = np.arange(40) < 25
+  want = np.mean(np.argmax(np.asarray(logits), -1)[mask] == labels[mask])
+  got = cancelling.accuracies(
+    prompted, fitted, graph, bits, labels, {"m": mask}
+  )
+  assert got == {"m": pytest.approx(want)}
 
 
 def test_cell_key_and_cache(tmp_path):
