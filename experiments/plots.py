@@ -26,8 +26,10 @@ Figures (PNG) and their numbers (CSV of the same name) go to `--out`
   bits.
 - `aggregation_error`: the mechanism; see `aggregation_errors`.
 - `error_structure`: is that error a shift, or low-rank? The share of it
-  that a constant shift, a shift per in-degree bucket or a rank-r
-  correction (LoRAP's form) could cancel; see `error_structure`.
+  that a constant shift, a shift per in-degree bucket, a rank-r
+  correction (LoRAP's form) or an affine map of the aggregate could
+  cancel, against the same error shuffled; see `error_structure`.
+  (`experiments/error_cancelling.py` then fits LoRAP to cancel it.)
 
 Every trained configuration is one row of `runs.csv` (per seed); a rerun
 reads it and trains only what is missing (`--no-reuse` retrains). The
