@@ -20,12 +20,20 @@ asks the prompt to cancel it directly. Protocol, per seed:
 3. Each layer's relative error ||S_q - S_fp||^2 / ||S_fp||^2, and the
    validation and test accuracy, before and after.
 
+`--joint 0,1 --prompt-lr 1e-3,1e-2` asks instead whether LoRAP does
+better trained with the backbone as usual (`plots.train_selected`, 200
+epochs, best validation), with weight x the same error term in its loss
+(`joint_step_factory`: the term's gradient reaches the prompts only; the
+backbone trains for the task alone). Per weight, prompt learning rate and
+seed: the selected state's relative errors and accuracies.
+
 The rows (one per seed) go to `--out` (default
-`experiments/results/plots/error_cancelling.csv`); a table of means and
-sample stds is printed.
+`experiments/results/plots/error_cancelling.csv`, with `--joint`
+`error_joint.csv`); a table of means and sample stds is printed.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -39,19 +47,6 @@ import lorap_jax
 
 sys.path.insert(0, os.fspath(pathlib.Path(__file__).resolve().parent))
 import plots
-
-FIELDS = (
-  "seed",
-  "steps",
-  "layer_1_before",
-  "layer_1_after",
-  "layer_2_before",
-  "layer_2_after",
-  "val_acc_before",
-  "val_acc_after",
-  "test_acc_before",
-  "test_acc_after",
-)
 
 
 def relative_errors(model, variables, graph, bits) -> jax.Array:
@@ -129,6 +124,63 @@ def fit_prompts(model, variables, graph, bits, *, steps, learning_rate):
   return {**variables, "params": best[1]}, losses
 
 
+def joint_step_factory(weight: float):
+  """`plots.train_selected`'s `make_step`: `lorap_jax.train_step` with
+  `weight` x the sum of the layers' relative aggregation errors added to
+  the loss (measured in evaluation mode, at the step's ranges), so the
+  prompts and the backbone train to cancel it as they train for the task.
+  """
+
+  def make_step(model):
+    @jax.jit
+    def step(state, batch, rng):
+      def loss_fn(params):
+        variables = {**state.variables(), "params": params}
+        logits, updates = state.apply_fn(
+          variables,
+          batch.graph,
+          bits=state.bits,
+          train=True,
+          rngs={"dropout": rng},
+          mutable=[lorap_jax.QUANT_STATS],
+        )
+        task = optax.softmax_cross_entropy_with_integer_labels(
+          logits, batch.labels
+        )
+        task = jnp.sum(jnp.where(batch.mask, task, 0.0)) / jnp.sum(batch.mask)
+        # The error term moves the prompts only: the backbone trains for
+        # the task alone, as with plain LoRAP.
+        prompt_only = jax.tree.map(
+          lambda p, group: p if group == "prompt" else jax.lax.stop_gradient(p),
+          params,
+          lorap_jax.parameter_groups(params),
+        )
+        error = jnp.sum(
+          relative_errors(
+            model, {**variables, "params": prompt_only}, batch.graph, state.bits
+          )
+        )
+        return task + weight * error, (task, error, updates)
+
+      grads, (task, error, updates) = jax.grad(loss_fn, has_aux=True)(
+        state.params
+      )
+      step_updates, opt_state = state.tx.update(
+        grads, state.opt_state, state.params
+      )
+      state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, step_updates),
+        opt_state=opt_state,
+        quant_stats=updates[lorap_jax.QUANT_STATS],
+      )
+      return state, {"loss": task, "error": error}
+
+    return step
+
+  return make_step
+
+
 def accuracies(model, variables, graph, bits, labels, masks) -> dict:
   logits = model.apply(variables, graph, bits=bits, train=False)
   right = np.asarray(jnp.argmax(logits, -1)) == np.asarray(labels)
@@ -179,37 +231,94 @@ def cancel_one_seed(dataset, protocol, seed: int, steps: int, learning_rate):
   }
 
 
+def joint_one_seed(dataset, protocol, seed: int, weight: float, prompt_lr):
+  """LoRAP trained with the backbone, `weight` x the error term in the
+  prompts' loss (`joint_step_factory`); the best-validation state's
+  relative errors and accuracies."""
+  config = plots.make_config(
+    protocol,
+    **{
+      "quant.bits": 4,
+      "prompt.kind": "lorap",
+      "prompt.learning_rate": prompt_lr,
+    },
+  )
+  model, state, graph = plots.train_selected(
+    config, dataset, seed, make_step=joint_step_factory(weight)
+  )
+  variables = state.variables()
+  errors = relative_errors(model, variables, graph, state.bits)
+  masks = {"val": dataset.val_mask, "test": dataset.test_mask}
+  accs = accuracies(model, variables, graph, state.bits, dataset.labels, masks)
+  return {
+    "weight": weight,
+    "prompt_lr": prompt_lr,
+    "seed": seed,
+    **{f"layer_{i + 1}": float(e) for i, e in enumerate(errors)},
+    **{f"{split}_acc": accs[split] for split in ("val", "test")},
+  }
+
+
+def _floats(text: str) -> list[float]:
+  return [float(value) for value in text.split(",")]
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="2 seeds, 40 epochs")
   parser.add_argument("--seeds", type=int)
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--learning-rate", type=float, default=3e-2)
+  parser.add_argument(
+    "--joint",
+    type=_floats,
+    help="instead: train LoRAP with the backbone, these weights of the "
+    "error term in the prompts' loss (e.g. 0,1)",
+  )
+  parser.add_argument(
+    "--prompt-lr", type=_floats, default=[1e-3], help="with --joint"
+  )
   parser.add_argument("--out", type=pathlib.Path)
   args = parser.parse_args(argv)
   protocol = plots.QUICK if args.quick else plots.FULL
   seeds = args.seeds or protocol.seeds
   here = pathlib.Path(__file__).resolve().parent
-  out = (
-    args.out
-    or here
-    / "results"
-    / ("plots-quick" if args.quick else "plots")
-    / "error_cancelling.csv"
+  name = "error_joint.csv" if args.joint else "error_cancelling.csv"
+  out = args.out or (
+    here / "results" / ("plots-quick" if args.quick else "plots") / name
   )
   out.parent.mkdir(parents=True, exist_ok=True)
   dataset = lorap_jax.load_dataset("cora", os.environ.get("LORAP_DATA_DIR"))
+  if args.joint:
+    runs = [
+      functools.partial(joint_one_seed, dataset, protocol, s, w, lr)
+      for w in args.joint
+      for lr in args.prompt_lr
+      for s in range(seeds)
+    ]
+  else:
+    runs = [
+      functools.partial(
+        cancel_one_seed, dataset, protocol, s, args.steps, args.learning_rate
+      )
+      for s in range(seeds)
+    ]
   rows = []
-  for seed in range(seeds):
-    rows.append(
-      cancel_one_seed(dataset, protocol, seed, args.steps, args.learning_rate)
-    )
+  for run in runs:
+    rows.append(run())
     plots.write_csv(out, rows)
-    print(f"  seed {seed}: {rows[-1]}", flush=True)
-  print(f"\n{len(rows)} seeds, mean ± std (written to {out}):")
-  for field in FIELDS[2:]:
-    mean, std = lorap_jax.mean_and_std([r[field] for r in rows])
-    print(f"  {field:16s} {mean:.4f} ± {std:.4f}")
+    print(f"  {rows[-1]}", flush=True)
+  print(f"\nmean ± std over seeds (written to {out}):")
+  groups = {}
+  for row in rows:
+    groups.setdefault((row.get("weight"), row.get("prompt_lr")), []).append(row)
+  for (weight, prompt_lr), group in groups.items():
+    if weight is not None:
+      print(f" weight {weight}, prompt lr {prompt_lr}:")
+    for field in group[0]:
+      if field not in ("seed", "steps", "weight", "prompt_lr"):
+        mean, std = lorap_jax.mean_and_std([r[field] for r in group])
+        print(f"  {field:16s} {mean:.4f} ± {std:.4f}")
 
 
 if __name__ == "__main__":

@@ -459,11 +459,17 @@ def shuffled_structure(
   return error_structure(shuffled, groups, aggregate, **kwargs)
 
 
-def train_selected(config, dataset, seed: int):
-  """Trains one run with the jitted steps; the best-validation state."""
+def train_selected(config, dataset, seed: int, make_step=None):
+  """Trains one run with the jitted steps; the best-validation state.
+
+  `make_step(model)` gives another step of `lorap_jax.train_step`'s
+  signature (state, batch, rng) -> (state, metrics), e.g. with another
+  loss; by default `lorap_jax.train_step`.
+  """
   model = lorap_jax.create_model(
     config, num_classes=dataset.num_classes, task="node"
   )
+  step = lorap_jax.train_step if make_step is None else make_step(model)
   features = np.asarray(dataset.graph.nodes, np.float32)
   graph = jax.device_put(
     dataset.graph._replace(nodes=lorap_jax.SparseFeatures.from_dense(features))
@@ -487,7 +493,7 @@ def train_selected(config, dataset, seed: int):
   best, best_val = state, -1
   for epoch in range(config.train.epochs):
     rng = jax.random.fold_in(dropout_key, epoch)
-    state, _ = lorap_jax.train_step(state, batch, rng)
+    state, _ = step(state, batch, rng)
     val = int(lorap_jax.eval_step(state, eval_batch)["val"]["correct"])
     if val > best_val:
       best, best_val = state, val

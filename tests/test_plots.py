@@ -1,6 +1,7 @@
 """Tests of experiments/plots.py (its pure functions and figures) and of
 experiments/notebook_example.py (run end to end on a small epoch count)."""
 
+import functools
 import importlib.util
 import os
 import pathlib
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
+import optax
 import pytest
 
 import lorap_jax
@@ -264,6 +266,49 @@ def test_prompts_fitted_to_cancel_the_error_leave_the_backbone():
     prompted, fitted, graph, bits, labels, {"m": mask}
   )
   assert got == {"m": pytest.approx(want)}
+
+
+def test_joint_step_adds_the_error_term_to_the_prompts_only():
+  cancelling = _load_script("error_cancelling")
+  graph = _random_graph()
+  model = lorap_jax.GNN(
+    model=lorap_jax.ModelConfig(num_classes=3, hidden=8),
+    quant=lorap_jax.QuantConfig(),
+    # glorot: prompts that already act, so the error term reaches them.
+    prompt=lorap_jax.PromptConfig(
+      kind="lorap", num_prompts=4, rank=2, init="glorot"
+    ),
+  )
+  state = lorap_jax.create_train_state(
+    model, optax.adam(1e-2), graph, jax.random.key(0), 4.0
+  )
+  labels = jnp.asarray(np.arange(40) % 3)
+  batch = lorap_jax.Batch(graph, labels, jnp.arange(40) < 30)
+  rng = jax.random.key(1)
+  library, _ = lorap_jax.train_step(state, batch, rng)
+  # Weight 0 is the library's step.
+  plain, _ = cancelling.joint_step_factory(0.0)(model)(state, batch, rng)
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+    (plain.params, plain.quant_stats),
+    (library.params, library.quant_stats),
+  )
+  # With the term the backbone still takes the task's step; the prompts
+  # take another.
+  joint, metrics = cancelling.joint_step_factory(1.0)(model)(state, batch, rng)
+  assert float(metrics["error"]) > 0
+  moved = []
+  for label, got, want in zip(
+    jax.tree.leaves(lorap_jax.parameter_groups(joint.params)),
+    jax.tree.leaves(joint.params),
+    jax.tree.leaves(library.params),
+    strict=True,
+  ):
+    if label == "prompt":
+      moved.append(not np.allclose(got, want, rtol=1e-4, atol=1e-6))
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert any(moved)
 
 
 def test_cell_key_and_cache(tmp_path):
