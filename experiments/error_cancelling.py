@@ -125,10 +125,11 @@ def fit_prompts(model, variables, graph, bits, *, steps, learning_rate):
 
 
 def joint_step_factory(weight: float):
-  """`plots.train_selected`'s `make_step`: `lorap_jax.train_step` with
-  `weight` x the sum of the layers' relative aggregation errors added to
-  the loss (measured in evaluation mode, at the step's ranges), so the
-  prompts and the backbone train to cancel it as they train for the task.
+  """`plots.train_selected`'s `make_step`: `lorap_jax.train_step` for plain
+  QAT (no framework penalty, no Degree-Quant masks, ranges always
+  updated), with `weight` x the sum of the layers' relative aggregation
+  errors added to the loss (measured in evaluation mode, at the step's
+  ranges); the term's gradient reaches the prompts only.
   """
 
   def make_step(model):
