@@ -63,20 +63,11 @@ def relative_errors(model, variables, graph, bits) -> jax.Array:
 
 def with_prompts(model, trained_variables, graph, bits, key):
   """`model` (with prompts) holding `trained_variables` (without): the
-  trained backbone and ranges, the prompts freshly initialised from `key`."""
-  fresh = model.init(key, graph, bits=bits)
-
-  def overwrite(tree, trained):
-    if not isinstance(trained, dict):
-      return trained
-    return {**tree, **{k: overwrite(tree[k], v) for k, v in trained.items()}}
-
-  return {
-    name: overwrite(dict(fresh[name]), dict(trained_variables[name]))
-    if name in trained_variables
-    else fresh[name]
-    for name in fresh
-  }
+  trained backbone and ranges, the prompts created from `key`
+  (`create_train_state`'s `start_from`; its optimizer is not used)."""
+  return lorap_jax.create_train_state(
+    model, optax.set_to_zero(), graph, key, bits, start_from=trained_variables
+  ).variables()
 
 
 def fit_prompts(model, variables, graph, bits, *, steps, learning_rate):
