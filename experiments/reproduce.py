@@ -40,6 +40,7 @@ import sys
 
 import jax
 import numpy as np
+import scipy.stats
 from anchors import PAPER_VALUES, anchor_for
 from frameworks_table import framework_figure
 
@@ -565,6 +566,8 @@ def write_tables(rows, cells, results: pathlib.Path, name, quick, overrides):
     "Cells: " + ", ".join(f"{counts[k]} {k}" for k in keys) + ".",
     "",
     *_coverage_lines(rows, keys),
+    "",
+    *_glance_lines(rows),
   ]
   by_table = {}
   for row in rows:
@@ -600,6 +603,35 @@ def _per_run_values(row) -> list[float]:
   return [float(value) for value in text.split(";")] if text else []
 
 
+def paired_differences(row, alone) -> np.ndarray | None:
+  """`row`'s test metric minus its framework alone's (`alone`), run by
+  run, where both are finished and list the same runs; else None."""
+  if alone is None or not row["status"] == alone["status"] == "done":
+    return None
+  ours, theirs = _per_run_values(row), _per_run_values(alone)
+  paired = len(ours) == len(theirs) > 1 and (row["protocol"], row["runs"]) == (
+    alone["protocol"],
+    alone["runs"],
+  )
+  return np.subtract(ours, theirs) if paired else None
+
+
+def _is_regression_row(row) -> bool:
+  return row["test_mae_mean"] != ""
+
+
+def _effect_text(row, differences) -> str:
+  """'mean ± std (k of n better)': higher accuracy or lower MAE."""
+  regression = _is_regression_row(row)
+  digits = 3 if regression else 1
+  better = np.sum(differences < 0 if regression else differences > 0)
+  return (
+    f"{differences.mean():+.{digits}f} ± "
+    f"{differences.std(ddof=1):.{digits}f} "
+    f"({better} of {len(differences)} better)"
+  )
+
+
 def prompt_effect(row, alone) -> str:
   """A prompt's row against its framework alone (`alone`, the same
   dataset's prompt-free row): the test metric's difference run by run,
@@ -610,23 +642,91 @@ def prompt_effect(row, alone) -> str:
     return ""
   if not row["status"] == alone["status"] == "done":
     return ""
-  regression = row["test_mae_mean"] != ""
-  digits = 3 if regression else 1
-  ours, theirs = _per_run_values(row), _per_run_values(alone)
-  paired = len(ours) == len(theirs) > 1 and (row["protocol"], row["runs"]) == (
-    alone["protocol"],
-    alone["runs"],
-  )
-  if not paired:
-    metric = "test_mae_mean" if regression else "test_acc_mean"
-    return f"{row[metric] - alone[metric]:+.{digits}f} (means)"
-  differences = np.subtract(ours, theirs)
-  better = np.sum(differences < 0 if regression else differences > 0)
-  return (
-    f"{differences.mean():+.{digits}f} ± "
-    f"{differences.std(ddof=1):.{digits}f} "
-    f"({better} of {len(differences)} better)"
-  )
+  differences = paired_differences(row, alone)
+  if differences is not None:
+    return _effect_text(row, differences)
+  metric = "test_mae_mean" if _is_regression_row(row) else "test_acc_mean"
+  digits = 3 if _is_regression_row(row) else 1
+  return f"{row[metric] - alone[metric]:+.{digits}f} (means)"
+
+
+# A prompt's effect is marked where a paired t-test (two-sided, runs as
+# pairs) gives p below this, uncorrected for the table's many comparisons.
+MARKED_P = 0.05
+
+
+def effect_p_value(differences) -> float:
+  """Two-sided paired t-test p of run-by-run differences (1.0 where they
+  are all equal: no evidence either way)."""
+  if np.all(differences == differences[0]):
+    return 1.0 if differences[0] == 0 else 0.0
+  return float(scipy.stats.ttest_1samp(differences, 0.0).pvalue)
+
+
+def _glance_lines(rows) -> list[str]:
+  """Every dataset's frameworks without a prompt, then each prompt's
+  effect, as dataset x framework tables, so where a prompt helps shows on
+  one screen."""
+  tables = {}
+  for row in rows:
+    table = tables.setdefault(f"{row['dataset']}, {row['model'].upper()}", {})
+    table[row["framework"], row["prompt"]] = row
+  done = {
+    name: cells
+    for name, cells in tables.items()
+    if any(row["status"] == "done" for row in cells.values())
+  }
+  header = "| dataset | " + " | ".join(QUANT_FRAMEWORKS) + " |"
+  rule = "|---|" + "---|" * len(QUANT_FRAMEWORKS)
+  lines = [
+    "## At a glance",
+    "",
+    "Without a prompt (test %; regression sets: test MAE):",
+    "",
+    "| dataset | fp32 | " + " | ".join(QUANT_FRAMEWORKS) + " |",
+    "|---|---|" + "---|" * len(QUANT_FRAMEWORKS),
+  ]
+  for name, cells in done.items():
+    results = [
+      _result_text(cells[f, "none"]) if (f, "none") in cells else ""
+      for f in FRAMEWORKS
+    ]
+    lines.append(f"| {name} | " + " | ".join(results) + " |")
+  marked = compared = 0
+  for prompt in PROMPTS[1:]:
+    lines += [
+      "",
+      f"`{prompt}` against its framework alone (`prompt effect` as in the "
+      "tables below: points of test accuracy; regression sets: test MAE, "
+      "lower is better):",
+      "",
+      header,
+      rule,
+    ]
+    for name, cells in done.items():
+      texts = []
+      for framework in QUANT_FRAMEWORKS:
+        row = cells.get((framework, prompt))
+        alone = cells.get((framework, "none"))
+        differences = None if row is None else paired_differences(row, alone)
+        if differences is None:
+          texts.append("" if row is None else prompt_effect(row, alone))
+          continue
+        compared += 1
+        text = _effect_text(row, differences)
+        if effect_p_value(differences) < MARKED_P:
+          marked += 1
+          text = f"**{text}**"
+        texts.append(text)
+      lines.append(f"| {name} | " + " | ".join(texts) + " |")
+  lines += [
+    "",
+    f"Bold: a paired t-test over the runs gives p < {MARKED_P} "
+    f"(two-sided, uncorrected): {marked} of {compared} run-by-run effects, "
+    f"against about {MARKED_P * compared:.0f} that chance alone would mark "
+    "if no prompt did anything.",
+  ]
+  return lines
 
 
 def _coverage_key(row) -> str:
@@ -659,8 +759,6 @@ def _coverage_lines(rows, keys) -> list[str]:
 
 
 def _cpu_count() -> int:
-  import os
-
   return os.cpu_count() or 0
 
 

@@ -352,6 +352,10 @@ def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
   _fake_finished_cell(out, ("cora", "gcn", "qat", "lorap"), 0.7, with_lorap)
   _fake_finished_cell(out, ("cora", "gcn", "dq", "none"), 0.75)
   _fake_finished_cell(out, ("cora", "gcn", "dq", "lorap"), 0.7, with_lorap)
+  # A2Q: +2 in every run but one, +1 there: p far below 0.05.
+  _fake_finished_cell(out, ("cora", "gcn", "a2q", "none"), 0.72, alone)
+  ahead = [a + (0.01 if i == 0 else 0.02) for i, a in enumerate(alone)]
+  _fake_finished_cell(out, ("cora", "gcn", "a2q", "lorap"), 0.74, ahead)
   args = [
     "--datasets=cora",
     "--frameworks=qat,dq,a2q",
@@ -377,8 +381,22 @@ def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
   assert "| qat | none | 72.0 ± 1.2 |  | 10 runs" in markdown
   # Degree-Quant's prompt-free row lists no runs: the means, marked.
   assert "| dq | lorap | 70.0 ± 1.2 | -5.0 (means) |" in markdown
-  # A2Q's rows are not run: no effect to state.
-  assert "| a2q | lorap | not run |  |" in markdown
+  # The glance section: each framework alone, then each prompt's effect
+  # per framework, bold where a paired t-test gives p < 0.05.
+  glance = markdown[
+    markdown.index("## At a glance") : markdown.index("## cora")
+  ]
+  # FP32 and MixQ are not among the table's cells: blank.
+  alone_row = "| cora, GCN |  | 72.0 ± 1.2 | 75.0 ± 1.2 | 72.0 ± 1.2 |  |"
+  assert alone_row in glance
+  a2q = "+1.9 ± 0.3 (10 of 10 better)"
+  assert f"| cora, GCN | {paired} | -5.0 (means) | **{a2q}** |  |" in glance
+  assert "1 of 2 run-by-run effects" in glance
+  # With two degrees of freedom the two-sided p is 1 - t / sqrt(t^2 + 2).
+  t = 2.0 / (1.0 / np.sqrt(3.0))
+  p_value = reproduce.effect_p_value(np.array([1.0, 2.0, 3.0]))
+  assert p_value == pytest.approx(1.0 - t / np.sqrt(t**2 + 2.0))
+  assert reproduce.effect_p_value(np.zeros(4)) == 1.0
 
   # Regression: lower MAE is better.
   lorap = _mae_row("lorap", [1.4, 1.3, 1.6])
