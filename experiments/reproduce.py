@@ -645,9 +645,9 @@ def prompt_effect(row, alone) -> str:
   differences = paired_differences(row, alone)
   if differences is not None:
     return _effect_text(row, differences)
-  metric = "test_mae_mean" if _is_regression_row(row) else "test_acc_mean"
-  digits = 3 if _is_regression_row(row) else 1
-  return f"{row[metric] - alone[metric]:+.{digits}f} (means)"
+  regression = _is_regression_row(row)
+  metric = "test_mae_mean" if regression else "test_acc_mean"
+  return f"{row[metric] - alone[metric]:+.{3 if regression else 1}f} (means)"
 
 
 # A prompt's effect is marked where a paired t-test (two-sided, runs as
@@ -656,8 +656,9 @@ MARKED_P = 0.05
 
 
 def effect_p_value(differences) -> float:
-  """Two-sided paired t-test p of run-by-run differences (1.0 where they
-  are all equal: no evidence either way)."""
+  """Two-sided paired t-test p of run-by-run differences. Where they are
+  all equal the t statistic is undefined: 1.0 if they are all zero, else
+  0.0 (the same change in every run)."""
   if np.all(differences == differences[0]):
     return 1.0 if differences[0] == 0 else 0.0
   return float(scipy.stats.ttest_1samp(differences, 0.0).pvalue)
@@ -671,22 +672,20 @@ def _glance_lines(rows) -> list[str]:
   for row in rows:
     table = tables.setdefault(f"{row['dataset']}, {row['model'].upper()}", {})
     table[row["framework"], row["prompt"]] = row
-  done = {
+  finished = {
     name: cells
     for name, cells in tables.items()
     if any(row["status"] == "done" for row in cells.values())
   }
-  header = "| dataset | " + " | ".join(QUANT_FRAMEWORKS) + " |"
-  rule = "|---|" + "---|" * len(QUANT_FRAMEWORKS)
   lines = [
     "## At a glance",
     "",
     "Without a prompt (test %; regression sets: test MAE):",
     "",
-    "| dataset | fp32 | " + " | ".join(QUANT_FRAMEWORKS) + " |",
-    "|---|---|" + "---|" * len(QUANT_FRAMEWORKS),
+    "| dataset | " + " | ".join(FRAMEWORKS) + " |",
+    "|---|" + "---|" * len(FRAMEWORKS),
   ]
-  for name, cells in done.items():
+  for name, cells in finished.items():
     results = [
       _result_text(cells[f, "none"]) if (f, "none") in cells else ""
       for f in FRAMEWORKS
@@ -700,21 +699,15 @@ def _glance_lines(rows) -> list[str]:
       "tables below: points of test accuracy; regression sets: test MAE, "
       "lower is better):",
       "",
-      header,
-      rule,
+      "| dataset | " + " | ".join(QUANT_FRAMEWORKS) + " |",
+      "|---|" + "---|" * len(QUANT_FRAMEWORKS),
     ]
-    for name, cells in done.items():
+    for name, cells in finished.items():
       texts = []
       for framework in QUANT_FRAMEWORKS:
-        row = cells.get((framework, prompt))
-        alone = cells.get((framework, "none"))
-        differences = None if row is None else paired_differences(row, alone)
-        if differences is None:
-          texts.append("" if row is None else prompt_effect(row, alone))
-          continue
-        compared += 1
-        text = _effect_text(row, differences)
-        if effect_p_value(differences) < MARKED_P:
+        text, p_value = _glance_effect(cells, framework, prompt)
+        compared += p_value is not None
+        if p_value is not None and p_value < MARKED_P:
           marked += 1
           text = f"**{text}**"
         texts.append(text)
@@ -727,6 +720,19 @@ def _glance_lines(rows) -> list[str]:
     "if no prompt did anything.",
   ]
   return lines
+
+
+def _glance_effect(cells, framework, prompt) -> tuple[str, float | None]:
+  """A prompt's effect under `framework` and its paired t-test p (None
+  where the runs cannot be paired)."""
+  row = cells.get((framework, prompt))
+  if row is None:
+    return "", None
+  alone = cells.get((framework, "none"))
+  differences = paired_differences(row, alone)
+  if differences is None:
+    return prompt_effect(row, alone), None
+  return _effect_text(row, differences), effect_p_value(differences)
 
 
 def _coverage_key(row) -> str:
