@@ -358,7 +358,7 @@ def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
   _fake_finished_cell(out, ("cora", "gcn", "a2q", "lorap"), 0.74, ahead)
   args = [
     "--datasets=cora",
-    "--frameworks=qat,dq,a2q",
+    "--frameworks=qat,dq,a2q,mixq",
     "--prompts=none,lorap",
     f"--out={out}",
     f"--results={results}",
@@ -381,13 +381,17 @@ def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
   assert "| qat | none | 72.0 ± 1.2 |  | 10 runs" in markdown
   # Degree-Quant's prompt-free row lists no runs: the means, marked.
   assert "| dq | lorap | 70.0 ± 1.2 | -5.0 (means) |" in markdown
+  # MixQ's rows are not run: no effect to state.
+  assert "| mixq | lorap | not run |  |" in markdown
   # The glance section: each framework alone, then each prompt's effect
   # per framework, bold where a paired t-test gives p < 0.05.
   glance = markdown[
     markdown.index("## At a glance") : markdown.index("## cora")
   ]
-  # FP32 and MixQ are not among the table's cells: blank.
-  alone_row = "| cora, GCN |  | 72.0 ± 1.2 | 75.0 ± 1.2 | 72.0 ± 1.2 |  |"
+  # FP32 is not among the table's cells: blank.
+  alone_row = (
+    "| cora, GCN |  | 72.0 ± 1.2 | 75.0 ± 1.2 | 72.0 ± 1.2 | not run |"
+  )
   assert alone_row in glance
   a2q = "+1.9 ± 0.3 (10 of 10 better)"
   assert f"| cora, GCN | {paired} | -5.0 (means) | **{a2q}** |  |" in glance
