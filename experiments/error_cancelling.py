@@ -136,10 +136,9 @@ def joint_step_factory(weight: float):
           rngs={"dropout": rng},
           mutable=[lorap_jax.QUANT_STATS],
         )
-        task = optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch.labels
+        task = lorap_jax.cross_entropy_loss(
+          logits=logits, labels=batch.labels, mask=batch.mask
         )
-        task = jnp.sum(jnp.where(batch.mask, task, 0.0)) / jnp.sum(batch.mask)
         # The error term moves the prompts only: the backbone trains for
         # the task alone, as with plain LoRAP.
         prompt_only = jax.tree.map(
@@ -157,14 +156,8 @@ def joint_step_factory(weight: float):
       grads, (task, error, updates) = jax.grad(loss_fn, has_aux=True)(
         state.params
       )
-      step_updates, opt_state = state.tx.update(
-        grads, state.opt_state, state.params
-      )
-      state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, step_updates),
-        opt_state=opt_state,
-        quant_stats=updates[lorap_jax.QUANT_STATS],
+      state = state.apply_gradients(grads).replace(
+        quant_stats=updates[lorap_jax.QUANT_STATS]
       )
       return state, {"loss": task, "error": error}
 

@@ -102,6 +102,16 @@ class TrainState:
       "batch_stats": self.batch_stats,
     }
 
+  def apply_gradients(self, grads) -> "TrainState":
+    """One optimizer step from `grads`: parameters, optimizer state and
+    step count; statistics are left to the caller."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(
+      step=self.step + 1,
+      params=optax.apply_updates(self.params, updates),
+      opt_state=opt_state,
+    )
+
 
 # ---------------------------------------------------------------------------
 # From config to objects.
@@ -740,14 +750,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (metric, updates)), grads = grad_fn(state.params)
-  step_updates, opt_state = state.tx.update(
-    grads, state.opt_state, state.params
-  )
-  new_state = state.replace(
-    step=state.step + 1,
-    params=optax.apply_updates(state.params, step_updates),
-    opt_state=opt_state,
-  )
+  new_state = state.apply_gradients(grads)
   if state.update_statistics:
     new_state = new_state.replace(
       quant_stats=updates.get(qp.QUANT_STATS, state.quant_stats),
