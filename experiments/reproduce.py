@@ -730,9 +730,8 @@ def _glance_effect(cells, framework, prompt) -> tuple[str, float | None]:
     return "", None
   alone = cells.get((framework, "none"))
   differences = paired_differences(row, alone)
-  if differences is None:
-    return prompt_effect(row, alone), None
-  return _effect_text(row, differences), effect_p_value(differences)
+  p_value = None if differences is None else effect_p_value(differences)
+  return prompt_effect(row, alone), p_value
 
 
 def _coverage_key(row) -> str:
@@ -769,7 +768,7 @@ def _cpu_count() -> int:
 
 
 def _result_text(row) -> str:
-  if row["test_mae_mean"] != "":
+  if _is_regression_row(row):
     return "MAE " + _mean_std(row["test_mae_mean"], row["test_mae_std"], 3)
   if row["test_acc_mean"] != "":
     return _mean_std(row["test_acc_mean"], row["test_acc_std"], 1)
