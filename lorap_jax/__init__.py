@@ -109,6 +109,14 @@ from lorap_jax._src.quantization import (
   update_ema,
   update_running,
 )
+from lorap_jax._src.steps import (
+  Batch,
+  EvalBatch,
+  cross_entropy_loss,
+  eval_step,
+  regression_loss,
+  train_step,
+)
 from lorap_jax._src.subgraph import SubgraphInfo
 from lorap_jax._src.sweep import (
   SweepGrid,
@@ -119,19 +127,15 @@ from lorap_jax._src.sweep import (
   run_sweep,
 )
 from lorap_jax._src.train import (
-  Batch,
-  EvalBatch,
+  mean_and_std,
+  train_and_evaluate,
+)
+from lorap_jax._src.train_state import (
   TrainState,
   create_model,
   create_optimizer,
   create_train_state,
-  cross_entropy_loss,
-  eval_step,
-  mean_and_std,
   parameter_groups,
-  regression_loss,
-  train_and_evaluate,
-  train_step,
 )
 
 __all__ = [

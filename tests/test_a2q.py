@@ -14,6 +14,7 @@ import pytest
 
 import lorap_jax
 from lorap_jax._src import a2q, train
+from lorap_jax._src import train_state as state_lib
 
 
 def _numpy_quantize(x, step, bits):
@@ -248,7 +249,7 @@ def test_a2q_model_parameters_groups_and_penalty(data_dir):
   assert "a2q_input_step" not in params["conv_0"]["linear"]
   assert params["conv_1"]["linear"]["a2q_input_bits"].shape == (2708, 1)
   assert params["conv_0"]["linear"]["a2q_weight_step"].shape == (1, 64)
-  groups = train.parameter_groups(params)
+  groups = state_lib.parameter_groups(params)
   assert groups["conv_1"]["linear"]["a2q_input_bits"] == "a2q_bits_feature"
   assert groups["conv_0"]["linear"]["a2q_weight_bits"] == "a2q_frozen"
   assert groups["conv_0"]["linear"]["a2q_xw_step"] == "a2q_step_xw"
@@ -338,9 +339,9 @@ def test_graph_tasks_take_the_reference_gin_scripts_settings():
   assert (graph.a2q.lr_step_feature, graph.a2q.lr_bits_feature) == (0.02, 0.008)
   assert (node.a2q.lr_step_feature, node.a2q.lr_bits_feature) == (0.04, 0.1)
   graph.quant.framework = node.quant.framework = "a2q"
-  assert train.quant_config(graph).a2q.feature_step_init == (0.01, 0.1)
-  assert train.quant_config(node).a2q.feature_step_init == (0.01, 0.01)
-  assert train.quant_config(graph).points == ("input", "weight")
+  assert state_lib.quant_config(graph).a2q.feature_step_init == (0.01, 0.1)
+  assert state_lib.quant_config(node).a2q.feature_step_init == (0.01, 0.01)
+  assert state_lib.quant_config(graph).points == ("input", "weight")
 
 
 def _two_path_graphs_padded(features: int) -> jraph.GraphsTuple:
@@ -405,7 +406,7 @@ def test_graph_gin_places_quantizers_as_the_reference_script():
     "readout_0": {4.0},
     "readout_1": {5.0},
   }
-  groups = train.parameter_groups(params)["conv_1"]
+  groups = state_lib.parameter_groups(params)["conv_1"]
   assert groups["a2q_xw_step"] == "a2q_step_xw"
   assert groups["a2q_xw_bits"] == "a2q_frozen"
 
@@ -428,7 +429,7 @@ def test_node_gin_places_quantizers_as_the_reference_script():
   np.testing.assert_array_equal(second["a2q_xw_bits"], np.full((1, 8), 4.0))
   # Node tasks start every input at `bits`, after a ReLU or not.
   assert np.all(second["mlp_1"]["a2q_input_bits"] == 4.0)
-  groups = train.parameter_groups(params)
+  groups = state_lib.parameter_groups(params)
   assert groups["conv_1"]["a2q_xw_step"] == "a2q_step_xw"
   assert groups["conv_1"]["a2q_xw_bits"] == "a2q_frozen"
   assert groups["conv_0"]["mlp_0"]["a2q_input_bits"] == "a2q_bits_feature"

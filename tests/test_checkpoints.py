@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import checkpoints, cli, train
+from lorap_jax._src import checkpoints, cli
+from lorap_jax._src import steps as steps_lib
 
 # Fields that must match bitwise between an interrupted and a clean run.
 RESULT_KEYS = ("test_accs", "val_accs", "best_epochs", "test_acc_mean")
@@ -110,7 +111,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
 
 
 def _compiled_step_count() -> int:
-  return train.train_step._cache_size() + train.eval_step._cache_size()
+  return steps_lib.train_step._cache_size() + steps_lib.eval_step._cache_size()
 
 
 def _forget_the_end(workdir: pathlib.Path, run: str, epochs: list[int]):

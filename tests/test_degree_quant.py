@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import degree_quant, layers, models, train
+from lorap_jax._src import degree_quant, layers, models
 from lorap_jax._src import quant_points as qp
 from lorap_jax._src import quantization as q
+from lorap_jax._src import train_state as state_lib
 
 DQ4 = qp.QuantConfig(
   calibration=q.CalibrationConfig(mode="percentile", percentile=0.01),
@@ -278,7 +279,7 @@ def _train_forward(model, variables, graph, key):
     bits=jnp.asarray(4.0),
     train=True,
     rngs={"dropout": key, "protect": key},
-    mutable=train.MUTABLE,
+    mutable=state_lib.MUTABLE,
   )
 
 
@@ -371,7 +372,7 @@ def forward_with_bits(model, state, batch, key, bits):
     bits=bits,
     train=True,
     rngs={"dropout": key, "protect": key},
-    mutable=train.MUTABLE,
+    mutable=state_lib.MUTABLE,
   )[0]
 
 
@@ -386,7 +387,7 @@ def test_dq_config_follows_the_reference_runs(bits, p_min, p_max, percentile):
   config = lorap_jax.get_config("reddit-binary")
   config.quant.framework = "dq"
   config.quant.bits = bits
-  quant = train.quant_config(config)
+  quant = state_lib.quant_config(config)
   assert quant.protection == degree_quant.DegreeProtection(
     p_min=p_min, p_max=p_max
   )
@@ -421,7 +422,7 @@ def test_gin_points_are_the_reference_gins(framework):
   config.quant.framework = framework
   config.model.num_layers = 2
   config.model.hidden = 8
-  model = train.create_model(config, num_classes=2, task="graph")
+  model = state_lib.create_model(config, num_classes=2, task="graph")
   graph, _ = _random_batch(np.random.default_rng(3), [6, 9])
   variables = model.init(jax.random.key(0), graph, bits=jnp.asarray(4.0))
   stats = variables[qp.QUANT_STATS]

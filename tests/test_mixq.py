@@ -13,7 +13,9 @@ import optax
 import pytest
 
 import lorap_jax
-from lorap_jax._src import mixq, train
+from lorap_jax._src import mixq
+from lorap_jax._src import steps as steps_lib
+from lorap_jax._src import train_state as state_lib
 
 
 def _numpy_fake_quantize(x, scale, zero, bits):
@@ -207,7 +209,7 @@ def test_every_selection_lowers_to_one_program(mutag_first_batch):
   for width in (2, 8):
     config.mixq.selected = ",".join(f"{c}={width}" for c in components)
     model = lorap_jax.create_model(config, num_classes=2, task="graph")
-    state = train.create_train_state(
+    state = state_lib.create_train_state(
       model, optax.adam(1e-3), batch.graph, jax.random.key(0), 4.0
     )
     stored = flax.traverse_util.flatten_dict(state.quant_stats)
@@ -216,9 +218,9 @@ def test_every_selection_lowers_to_one_program(mutag_first_batch):
     }
     step_batch = lorap_jax.Batch(batch.graph, batch.labels, batch.graph_mask)
     programs.append(
-      train.train_step.lower(state, step_batch, jax.random.key(1)).as_text()
+      steps_lib.train_step.lower(state, step_batch, jax.random.key(1)).as_text()
     )
-    losses.append(train.train_step(state, step_batch, jax.random.key(1))[1])
+    losses.append(steps_lib.train_step(state, step_batch, jax.random.key(1))[1])
   assert programs[0] == programs[1]
   assert losses[0]["loss"] != losses[1]["loss"]
 
@@ -298,7 +300,7 @@ def test_bad_mixq_strings_are_refused():
   config.quant.framework = "mixq"
   config.mixq.candidates = "2,four"
   with pytest.raises(ValueError, match=r"mixq\.candidates=.2,four."):
-    train.quant_config(config)
+    state_lib.quant_config(config)
 
 
 def _complete_graphs_padded(sizes, features: int) -> jraph.GraphsTuple:
@@ -335,7 +337,7 @@ def test_mixq_calibrates_a_batch_norm_model_as_in_training():
   model = lorap_jax.create_model(config, num_classes=3, task="graph")
   graph = _complete_graphs_padded((20, 30, 25), features=8)
   key = jax.random.key(0)
-  state = train.create_train_state(model, optax.adam(1e-3), graph, key, 4.0)
+  state = state_lib.create_train_state(model, optax.adam(1e-3), graph, key, 4.0)
   params = state.params
   first, last = (
     float(jnp.max(params[f"conv_{i}"]["mixq_aggregate_scale"])) for i in (1, 4)

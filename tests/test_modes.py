@@ -19,7 +19,9 @@ import modes_table
 import lorap_jax
 from lorap_jax._src import cli
 from lorap_jax._src import data as data_lib
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 
 # ---------------------------------------------------------------------------
 # Regression: loss, metric, selection.
@@ -80,7 +82,7 @@ def test_regression_eval_and_train_metrics_match_numpy():
   sums = lorap_jax.eval_step(
     state, lorap_jax.EvalBatch(graph, jnp.asarray(targets), {"val": mask})
   )
-  metrics = train_lib.summarize_eval([sums, sums])  # Two batches add up.
+  metrics = steps_lib.summarize_eval([sums, sums])  # Two batches add up.
   assert metrics["val"]["mae"] == pytest.approx(abs_errors.mean(), rel=1e-5)
   assert metrics["val"]["loss"] == pytest.approx(abs_errors.mean(), rel=1e-5)
   assert "accuracy" not in metrics["val"]
@@ -119,7 +121,7 @@ def test_task_settings_that_do_not_fit_are_refused(
   config = lorap_jax.get_config("aqsol")
   config.train[field] = value
   with pytest.raises(ValueError, match=message):
-    train_lib.task_loss(config, dataset_task)
+    steps_lib.task_loss(config, dataset_task)
 
 
 def _aqsol_subset(dataset, n_train: int, n_eval: int):
@@ -202,7 +204,7 @@ def test_prompts_only_training_freezes_the_backbone_bitwise(data_dir, tmp_path):
   graph, _ = train_lib.node_inputs(dataset, config)
   model = lorap_jax.create_model(config, num_classes=7, task="node")
   init_key, _ = jax.random.split(jax.random.key(0))
-  initial = train_lib._init_variables(model, init_key, graph, jnp.float32(4))
+  initial = state_lib._init_variables(model, init_key, graph, jnp.float32(4))
   before_backbone, before_prompt = _split(initial["params"])
   after_backbone, after_prompt = _split(trained.params)
   assert before_backbone.keys() == after_backbone.keys()

@@ -15,6 +15,7 @@ import frameworks_table
 import reproduce
 
 import lorap_jax
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train
 
 
@@ -38,7 +39,7 @@ def test_quick_table_rows_anchors_and_reuse(data_dir, tmp_path, capsys):
   assert reproduce.main(argv) == 0
   # Each cell's programs are dropped after it: kept, a full table's
   # compiled code exhausted the process's memory mappings.
-  assert train.train_step._cache_size() == 0
+  assert steps_lib.train_step._cache_size() == 0
   rows = _read_csv(results / "tiny.csv")
   assert list(rows[0]) == list(reproduce.CSV_COLUMNS)
   assert rows[0]["code_version"] == train.code_version()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import train as train_lib
+from lorap_jax._src import steps as steps_lib
+from lorap_jax._src import train_state as state_lib
 
 FANOUTS = (4, 3)
 
@@ -136,7 +137,7 @@ def test_bad_fanouts_and_seeds_are_refused(dataset, csr):
 def _loss_and_grad(model, params, graph, labels, mask):
   def loss_fn(p):
     logits = model.apply({"params": p}, graph, train=False)
-    return train_lib.cross_entropy_loss(logits=logits, labels=labels, mask=mask)
+    return steps_lib.cross_entropy_loss(logits=logits, labels=labels, mask=mask)
 
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 
@@ -155,7 +156,7 @@ def test_complete_fanouts_give_the_full_gradient(dataset, csr, architecture):
   config.prompt.init = "glorot"  # a LoRAP prompt that is not a no-op
   config.model.architecture = architecture
   config.model.hidden = 16
-  model = train_lib.create_model(config, num_classes=4, task="node")
+  model = state_lib.create_model(config, num_classes=4, task="node")
   seeds = np.flatnonzero(dataset.train_mask)[:40]
   max_degree = int(np.diff(csr.indptr).max())
   fanouts = (max_degree, max_degree)

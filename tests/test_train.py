@@ -15,6 +15,8 @@ from conftest import REPO_ROOT
 import lorap_jax
 from lorap_jax._src import cli, train
 from lorap_jax._src import config as config_lib
+from lorap_jax._src import steps as steps_lib
+from lorap_jax._src import train_state as state_lib
 
 
 def _small_config(dataset, **overrides):
@@ -84,7 +86,7 @@ def test_a_later_fold_alone_matches_it_in_the_full_run(
   # are dropped after each fold, and fold 1 compiles them again.
   monkeypatch.setattr(train, "memory_mapping_share", lambda: 0.9)
   both = lorap_jax.train_and_evaluate(config, tmp_path / "both")
-  assert train.train_step._cache_size() == 0
+  assert steps_lib.train_step._cache_size() == 0
   monkeypatch.undo()
   config.first_fold, config.folds = 1, 1
   alone = lorap_jax.train_and_evaluate(config, tmp_path / "alone")
@@ -228,7 +230,7 @@ def test_model_settings_are_checked_as_the_model_uses_them():
   config.model.hidden, config.model.heads = 12, 4
   # The early check once compared the width with the default 8 heads.
   train._validate(config)
-  model = train.create_model(config, num_classes=7, task="node")
+  model = state_lib.create_model(config, num_classes=7, task="node")
   assert (model.model.hidden, model.model.heads) == (12, 4)
 
 
@@ -240,7 +242,7 @@ def test_points_settings_drop_blank_entries(framework, field):
   config.quant.framework = framework
   config[field].points = " input , weight, "
   # A blank between commas once became a point named ''.
-  assert train.quant_config(config).points == ("input", "weight")
+  assert state_lib.quant_config(config).points == ("input", "weight")
 
 
 def test_degree_quant_reads_the_rounding_setting():
@@ -248,7 +250,7 @@ def test_degree_quant_reads_the_rounding_setting():
   config.quant.framework = "dq"
   config.quant.rounding = "half_away"
   # Refused for A2Q and MixQ, which do not read it; Degree-Quant does.
-  assert train.quant_config(config).rounding == "half_away"
+  assert state_lib.quant_config(config).rounding == "half_away"
 
 
 def test_cli_refuses_folds_the_dataset_lacks(data_dir, tmp_path, capsys):
@@ -461,7 +463,7 @@ OFF_DEFAULT = {
 
 def test_initial_train_state_holds_the_configs_hyperparameters():
   config, model, graph, _ = _csbm_inputs(**OFF_DEFAULT)
-  state = train.initial_train_state(config, model, graph, jax.random.key(0))
+  state = state_lib.initial_train_state(config, model, graph, jax.random.key(0))
   # The uncached optimizer, built with the values themselves.
   want = lorap_jax.create_optimizer(config).init(state.params)
   chex.assert_trees_all_equal(state.opt_state, want)
@@ -473,19 +475,19 @@ def test_a_new_learning_rate_reuses_the_compiled_steps():
   config, model, graph, batch = _csbm_inputs()
   changed, *_ = _csbm_inputs(**OFF_DEFAULT)
   key, rng = jax.random.key(0), jax.random.key(1)
-  first = train.initial_train_state(config, model, graph, key)
-  second = train.initial_train_state(changed, model, graph, key)
+  first = state_lib.initial_train_state(config, model, graph, key)
+  second = state_lib.initial_train_state(changed, model, graph, key)
   assert first.tx is second.tx
-  assert train._optimizer(config, steps_per_epoch=3) is first.tx
-  train.train_step(first, batch, rng)
-  compiled = train.train_step._cache_size()
-  stepped, _ = train.train_step(second, batch, rng)
-  assert train.train_step._cache_size() == compiled
+  assert state_lib._optimizer(config, steps_per_epoch=3) is first.tx
+  steps_lib.train_step(first, batch, rng)
+  compiled = steps_lib.train_step._cache_size()
+  stepped, _ = steps_lib.train_step(second, batch, rng)
+  assert steps_lib.train_step._cache_size() == compiled
   # The same step as with an optimizer built from `changed` itself.
   fresh = lorap_jax.create_train_state(
     model, lorap_jax.create_optimizer(changed), graph, key, changed.quant.bits
   )
-  want, _ = train.train_step(fresh, batch, rng)
+  want, _ = steps_lib.train_step(fresh, batch, rng)
   chex.assert_trees_all_close(stepped.params, want.params, rtol=1e-6)
 
 
@@ -495,34 +497,34 @@ def test_a_step_decay_keeps_the_learning_rates_injected():
   config, model, graph, batch = _csbm_inputs(train__lr_decay_every=1)
   changed, *_ = _csbm_inputs(train__lr_decay_every=1, **OFF_DEFAULT)
   key, rng = jax.random.key(0), jax.random.key(1)
-  first = train.initial_train_state(config, model, graph, key)
-  second = train.initial_train_state(changed, model, graph, key)
+  first = state_lib.initial_train_state(config, model, graph, key)
+  second = state_lib.initial_train_state(changed, model, graph, key)
   assert first.tx is second.tx
-  assert train._optimizer(config, steps_per_epoch=3) is not first.tx
+  assert state_lib._optimizer(config, steps_per_epoch=3) is not first.tx
   # Bitwise the same three steps (two decays) as with the configured rates
   # decayed by a schedule given to `inject_hyperparams` (the form before).
   decayed = {
     group: optax.inject_hyperparams(
-      train._adam_with_l2, static_args=("decay_every_steps", "decay_factor")
+      state_lib._adam_with_l2, static_args=("decay_every_steps", "decay_factor")
     )(
       learning_rate=optax.exponential_decay(
         values["learning_rate"], 1, 0.5, staircase=True
       ),
       weight_decay=values["weight_decay"],
     )
-    for group, values in train.injected_hyperparameters(changed).items()
+    for group, values in state_lib.injected_hyperparameters(changed).items()
   }
   decayed["a2q_frozen"] = optax.set_to_zero()
   want = lorap_jax.create_train_state(
     model,
-    optax.multi_transform(decayed, train.parameter_groups),
+    optax.multi_transform(decayed, state_lib.parameter_groups),
     graph,
     key,
     changed.quant.bits,
   )
   for _ in range(3):
-    second, _ = train.train_step(second, batch, rng)
-    want, _ = train.train_step(want, batch, rng)
+    second, _ = steps_lib.train_step(second, batch, rng)
+    want, _ = steps_lib.train_step(want, batch, rng)
   chex.assert_trees_all_equal(second.params, want.params)
 
 
@@ -536,13 +538,17 @@ def test_a_second_run_at_another_learning_rate_compiles_nothing(tmp_path):
     config.copy_and_resolve_references(), num_classes=4, task="node"
   )
   lorap_jax.train_and_evaluate(config, tmp_path / "first")
-  compiled = train.train_step._cache_size(), train.eval_step._cache_size()
+  compiled = (
+    steps_lib.train_step._cache_size(),
+    steps_lib.eval_step._cache_size(),
+  )
   config.train.learning_rate = 0.002
   config.train.weight_decay = 1e-3
   lorap_jax.train_and_evaluate(config, tmp_path / "second")
-  assert (train.train_step._cache_size(), train.eval_step._cache_size()) == (
-    compiled
-  )
+  assert (
+    steps_lib.train_step._cache_size(),
+    steps_lib.eval_step._cache_size(),
+  ) == (compiled)
 
 
 @pytest.mark.parametrize(

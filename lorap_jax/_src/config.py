@@ -1,7 +1,7 @@
 """Default experiment configs (ml_collections), shared by the CLI and scripts.
 
-The config never enters `jit`: `train.create_model` and
-`train.create_optimizer` turn it into objects and refuse unknown names.
+The config never enters `jit`: `train_state.create_model` and
+`train_state.create_optimizer` turn it into objects and refuse unknown names.
 """
 
 from collections.abc import Mapping

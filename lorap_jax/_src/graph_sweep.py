@@ -24,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorap_jax._src import distributed
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import sweep as sweep_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 from lorap_jax._src.data import batching
 from lorap_jax._src.data import device_batching as device_lib
 
@@ -82,7 +84,7 @@ def make_graph_sweep_run(
   `run_one` trains one run from scratch on the graph ids of `inputs` (a
   `GraphRunInputs`): initialisation from ``point.seed``, the point's
   hyper-parameters written into the optimizer state, then a scan over the
-  epochs, each a scan over its batches (`train.train_step`, dropout keys
+  epochs, each a scan over its batches (`steps.train_step`, dropout keys
   ``fold_in(dropout_key, epoch * 100_003 + step)`` as `train_and_evaluate`
   draws them) and the evaluation of the validation and test batches. Pure
   and traceable: jit it, or vmap it with ``in_axes=(0, 0, None)``.
@@ -93,13 +95,13 @@ def make_graph_sweep_run(
 
   Args:
     config: the structure's config.
-    model: the graph-level model `train.create_model` built for it.
+    model: the graph-level model `train_state.create_model` built for it.
     budgets: the padded sizes of the batches (`GraphBudgets`).
-    loss: the training loss (`train.task_loss`); a regression loss reads
+    loss: the training loss (`steps.task_loss`); a regression loss reads
       ``inputs.target_affine``.
   """
   criterion = config.train.selection
-  # The sums `train.eval_step` returns for this loss, before any batch.
+  # The sums `steps.eval_step` returns for this loss, before any batch.
   zero = {"loss_sum": jnp.zeros(()), "count": jnp.zeros((), jnp.int32)}
   if loss == "cross_entropy":
     zero["correct"] = jnp.zeros((), jnp.int32)
@@ -114,8 +116,8 @@ def make_graph_sweep_run(
       def add(totals, ids):
         batch = gather(ids, budgets.eval)
         masks = {"split": batch.graph_mask}
-        sums = train_lib.eval_step(
-          state, train_lib.EvalBatch(batch.graph, batch.labels, masks)
+        sums = steps_lib.eval_step(
+          state, steps_lib.EvalBatch(batch.graph, batch.labels, masks)
         )
         return jax.tree.map(jnp.add, totals, sums["split"]), None
 
@@ -125,7 +127,7 @@ def make_graph_sweep_run(
     init_key, dropout_key = jax.random.split(jax.random.key(point.seed))
     # With one step an epoch the first batch is that step's, the last.
     init_budget = budgets.full if steps > 1 else budgets.last
-    state = train_lib.initial_train_state(
+    state = state_lib.initial_train_state(
       config,
       model,
       gather(inputs.init_ids, init_budget).graph,
@@ -137,7 +139,7 @@ def make_graph_sweep_run(
       update_statistics=config.train.update_statistics,
     )
     state = state.replace(
-      opt_state=train_lib.with_hyperparameters(
+      opt_state=state_lib.with_hyperparameters(
         state.opt_state, sweep_lib._point_hyperparameters(point)
       )
     )
@@ -145,7 +147,7 @@ def make_graph_sweep_run(
     def train_on(state, step, ids, epoch, budget):
       batch = gather(ids, budget)
       rng = jax.random.fold_in(dropout_key, epoch * 100_003 + step)
-      state, metrics = train_lib.train_step(state, train_lib.Batch(*batch), rng)
+      state, metrics = steps_lib.train_step(state, steps_lib.Batch(*batch), rng)
       return state, metrics["loss"]
 
     def epoch_fn(carry, xs):
@@ -194,7 +196,7 @@ class GraphTask:
   def __init__(self, config, dataset, mesh, values):
     self.regression = dataset.task == "regression"
     # Refuses a selection that does not fit the task (val_acc in regression).
-    self.loss = train_lib.task_loss(config, dataset.task)
+    self.loss = steps_lib.task_loss(config, dataset.task)
     self.config = config
     self.dataset = dataset
     self.epochs = config.train.epochs

@@ -24,7 +24,9 @@ from lorap_jax._src import checkpoints
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import quant_points as qp
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 
 # Config fields that define the trained backbone: post-training must keep
 # them as the source run had them.
@@ -151,10 +153,10 @@ def post_train_prompts(
     **train_lib._dataset_options(config),
   )
   num_classes = dataset.num_classes
-  source_model = train_lib.create_model(
+  source_model = state_lib.create_model(
     source_config, num_classes=num_classes, task="node"
   )
-  model = train_lib.create_model(config, num_classes=num_classes, task="node")
+  model = state_lib.create_model(config, num_classes=num_classes, task="node")
   data_lib.validate_prompt_sizes(
     model.prompt,
     input_width=dataset.num_features,
@@ -275,7 +277,7 @@ def _load_selected(runs, model, source_config, graph, seed):
   """The source run's validation-selected `TrainState` of `seed`."""
 
   def template(key):
-    return train_lib.initial_train_state(source_config, model, graph, key)
+    return state_lib.initial_train_state(source_config, model, graph, key)
 
   if "vmapped" in runs:
     keys = jax.numpy.stack(
@@ -290,10 +292,10 @@ def _load_selected(runs, model, source_config, graph, seed):
   )
 
 
-def _starting_state(model, config, start) -> train_lib.TrainState:
+def _starting_state(model, config, start) -> state_lib.TrainState:
   """The post-training model before any step, for its accuracies (no
   optimizer: nothing trains it)."""
-  return train_lib.TrainState(
+  return state_lib.TrainState(
     step=jax.numpy.zeros((), "int32"),
     params=start["params"],
     quant_stats=start.get(qp.QUANT_STATS, {}),
@@ -307,7 +309,7 @@ def _starting_state(model, config, start) -> train_lib.TrainState:
 
 
 def _accuracies(state, eval_batch) -> dict[str, float]:
-  metrics = train_lib.summarize_eval([train_lib.eval_step(state, eval_batch)])
+  metrics = steps_lib.summarize_eval([steps_lib.eval_step(state, eval_batch)])
   return {split: metrics[split]["accuracy"] for split in ("val", "test")}
 
 
@@ -319,11 +321,11 @@ def _start_variables(model, loaded, source_config, config, graph, seed):
   seed's init key, as `train_and_evaluate` would) stay.
   """
   init_key, _ = jax.random.split(jax.random.key(seed))
-  fresh = train_lib._init_variables(
+  fresh = state_lib._init_variables(
     model, init_key, graph, jax.numpy.asarray(config.quant.bits, "float32")
   )
   params = loaded.params
-  if train_lib.prompt_config(source_config) != train_lib.prompt_config(config):
+  if state_lib.prompt_config(source_config) != state_lib.prompt_config(config):
     params = _without_prompts(params)
   loaded_variables = {
     "params": params,
@@ -334,7 +336,7 @@ def _start_variables(model, loaded, source_config, config, graph, seed):
 
 
 def _without_prompts(params):
-  groups = train_lib.parameter_groups(params)
+  groups = state_lib.parameter_groups(params)
 
   def keep(tree, labels):
     if not isinstance(tree, dict):

@@ -5,10 +5,10 @@
 nodes once, in shuffled batches of ``config.train.batch_size`` seeds; each
 batch is the seeds' sampled neighbourhood (``config.train.fanouts``, one
 fanout per layer; `data/sampling.py`), padded to one fixed budget so that
-`train.train_step` compiles once. The loss is the mean over the seeds.
+`steps.train_step` compiles once. The loss is the mean over the seeds.
 
 Evaluation is sampled too: validation and test nodes go through the same
-`train.eval_step` in batches of sampled neighbourhoods of the same budget,
+`steps.eval_step` in batches of sampled neighbourhoods of the same budget,
 drawn with a generator seeded by the run's seed alone, so every epoch sees
 the same neighbourhoods and model selection compares like with like. The
 accuracies are therefore those of the sampled-neighbourhood estimator; with
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 from lorap_jax._src.data import sampling
 
 
@@ -133,7 +135,7 @@ def _train_node_run(
     )
 
   example, _, _ = next(batches(train_nodes, False, np.random.default_rng(0)))
-  state = train_lib.initial_train_state(
+  state = state_lib.initial_train_state(
     config, model, example, init_key, steps_per_epoch=steps_per_epoch
   )
   finished = train_lib._finished_run(checkpointer, state)
@@ -154,15 +156,15 @@ def _train_node_run(
       train_batches = batches(train_nodes, True, rng)
       for i, (graph, labels, mask) in enumerate(train_batches):
         step_rng = jax.random.fold_in(dropout_key, epoch * 100_003 + i)
-        batch = train_lib.Batch(graph, labels, mask)
-        state, metrics = train_lib.train_step(state, batch, step_rng)
+        batch = steps_lib.Batch(graph, labels, mask)
+        state, metrics = steps_lib.train_step(state, batch, step_rng)
         losses.append(metrics["loss"] * mask.sum())
         hits.append(metrics["accuracy"] * mask.sum())
       # The same neighbourhoods every epoch: a generator of the seed alone.
       eval_rng = np.random.default_rng([seed, 1])
       sums = [
-        train_lib.eval_step(
-          state, train_lib.EvalBatch(graph, labels, {name: mask})
+        steps_lib.eval_step(
+          state, steps_lib.EvalBatch(graph, labels, {name: mask})
         )
         for name, nodes in eval_nodes.items()
         for graph, labels, mask in batches(nodes, False, eval_rng)
@@ -175,7 +177,7 @@ def _train_node_run(
       return state, train, sums
 
     (state, train_metrics, sums), elapsed = train_lib._timed(epoch_fn)
-    metrics = train_lib.summarize_eval(sums)
+    metrics = steps_lib.summarize_eval(sums)
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed
     )

@@ -47,7 +47,9 @@ from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import distributed
 from lorap_jax._src import quantization as q
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 
 # Numeric axes: arrays inside one compiled program.
 NUMERIC_AXES = (
@@ -235,7 +237,7 @@ class SweepMetrics(NamedTuple):
 
 
 def _point_hyperparameters(point: SweepPoint) -> dict:
-  """The optimizer values a point sets (`train.with_hyperparameters`)."""
+  """The optimizer values a point sets (`train_state.with_hyperparameters`)."""
   return {
     "backbone": {
       "learning_rate": point.learning_rate,
@@ -279,7 +281,7 @@ def update_selection(
   selection: Selection, epoch, loss, val, test, *, criterion: str
 ) -> Selection:
   """The selection after `epoch`, from its training loss and the validation
-  and test sums of `train.eval_step` ("loss_sum", and "correct" or
+  and test sums of `steps.eval_step` ("loss_sum", and "correct" or
   "abs_error").
 
   The same rule as `train_and_evaluate`'s on host (`criterion`, one of
@@ -349,7 +351,7 @@ def make_sweep_run(
 
   Args:
     config: the structure's config (epochs, selection, optimizer groups).
-    model: the model `train.create_model(config, ...)` built.
+    model: the model `train_state.create_model(config, ...)` built.
 
   Returns:
     `run_one`, taking a `SweepPoint`, the graph and the `EvalBatch` of
@@ -359,15 +361,15 @@ def make_sweep_run(
   criterion = config.train.selection
 
   def run_one(point: SweepPoint, graph, eval_batch) -> SweepMetrics:
-    train_batch = train_lib.Batch(
+    train_batch = steps_lib.Batch(
       graph, eval_batch.labels, eval_batch.masks["train"]
     )
     init_key, dropout_key = jax.random.split(jax.random.key(point.seed))
-    state = train_lib.initial_train_state(
+    state = state_lib.initial_train_state(
       config, model, graph, init_key, bits=point.bits
     )
     state = state.replace(
-      opt_state=train_lib.with_hyperparameters(
+      opt_state=state_lib.with_hyperparameters(
         state.opt_state, _point_hyperparameters(point)
       )
     )
@@ -375,8 +377,8 @@ def make_sweep_run(
     def epoch_fn(carry, epoch):
       state, selection = carry
       rng = jax.random.fold_in(dropout_key, epoch)
-      state, train_metrics = train_lib.train_step(state, train_batch, rng)
-      sums = train_lib.eval_step(state, eval_batch)
+      state, train_metrics = steps_lib.train_step(state, train_batch, rng)
+      sums = steps_lib.eval_step(state, eval_batch)
       loss = train_metrics["loss"]
       selection = update_selection(
         selection, epoch, loss, sums["val"], sums["test"], criterion=criterion
@@ -538,7 +540,7 @@ class _NodeTask:
     )
     self.per_seed = bool(getattr(dataset, "random_split", False))
     # Masks with a leading axis: each run has its seed's split.
-    batch_axes = train_lib.EvalBatch(None, None, 0) if self.per_seed else None
+    batch_axes = steps_lib.EvalBatch(None, None, 0) if self.per_seed else None
     self.in_axes = (0, None, batch_axes)
     self._masks: dict[int, dict[str, np.ndarray]] = {}
 
@@ -691,7 +693,7 @@ def run_sweep(
   total = len(structures) * len(points)
   with tqdm.tqdm(total=total, disable=not progress, unit="run") as bar:
     for structure, structure_config in zip(structures, configs, strict=True):
-      model = train_lib.create_model(
+      model = state_lib.create_model(
         structure_config, num_classes=dataset.num_classes, task=task.kind
       )
       data_lib.validate_prompt_sizes(

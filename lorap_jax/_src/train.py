@@ -1,4 +1,4 @@
-"""Training: state, optimizer, jitted steps and `train_and_evaluate`."""
+"""Training runs: batches, the training loops and `train_and_evaluate`."""
 
 import functools
 import importlib.metadata
@@ -9,17 +9,14 @@ import os
 import pathlib
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import flax.struct
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import jraph
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from lorap_jax._src import (
@@ -30,787 +27,21 @@ from lorap_jax._src import (
   layers,
   mixq,
   models,
-  prompts,
-  threefry_cpu,
 )
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
-from lorap_jax._src import quant_points as qp
 from lorap_jax._src import quantization as q
-
-# Dropout draws random bits every step: same bits, ~0.3 ms less per Cora
-# epoch on CPU (see threefry_cpu.py).
-threefry_cpu.use_unrolled_threefry_on_cpu()
-
-MUTABLE = (
-  qp.QUANT_STATS,
-  "batch_stats",
-  a2q.FEATURE_MEMORY,
-  mixq.EXPECTED_MEMORY,
-)
-
-
-class Batch(NamedTuple):
-  """One training batch: the graph, labels, and which outputs count."""
-
-  graph: jraph.GraphsTuple
-  labels: jax.Array  # int32 [n_outputs]
-  mask: jax.Array  # bool [n_outputs]
-
-
-class EvalBatch(NamedTuple):
-  """One evaluation batch with several named masks (e.g. train/val/test)."""
-
-  graph: jraph.GraphsTuple
-  labels: jax.Array
-  masks: Mapping[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training, as one pytree.
-
-  The bit width lives here as an array, so a sweep can vmap over it like
-  over the learning rate (which `optax.inject_hyperparams` keeps in
-  `opt_state`).
-  """
-
-  step: jax.Array
-  params: Any
-  quant_stats: Any
-  batch_stats: Any
-  opt_state: optax.OptState
-  bits: jax.Array
-  apply_fn: Callable = flax.struct.field(pytree_node=False)
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  # The model's quantization, for framework penalties in the loss.
-  quant: qp.QuantConfig = flax.struct.field(pytree_node=False, default=qp.FP32)
-  # The training loss, one of LOSSES: classification or regression.
-  loss: str = flax.struct.field(pytree_node=False, default="cross_entropy")
-  # Regression: [shift, scale]; the prediction is shift + scale * output,
-  # so a network with outputs near 0 starts at the training mean. None:
-  # the output itself.
-  target_affine: jax.Array | None = None
-  # False: training steps keep the quantizer ranges and BatchNorm averages
-  # as they are (post-training a calibrated model).
-  update_statistics: bool = flax.struct.field(pytree_node=False, default=True)
-
-  def variables(self) -> dict:
-    return {
-      "params": self.params,
-      qp.QUANT_STATS: self.quant_stats,
-      "batch_stats": self.batch_stats,
-    }
-
-  def apply_gradients(self, grads) -> "TrainState":
-    """One optimizer step from `grads`: parameters, optimizer state and
-    step count; statistics are left to the caller."""
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
-    return self.replace(
-      step=self.step + 1,
-      params=optax.apply_updates(self.params, updates),
-      opt_state=opt_state,
-    )
-
-
-# ---------------------------------------------------------------------------
-# From config to objects.
-# ---------------------------------------------------------------------------
-
-
-def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
-  """The `QuantConfig` of a run; refuses unknown frameworks and bad bits."""
-  framework = config.quant.framework
-  if framework not in config_lib.FRAMEWORKS:
-    raise ValueError(
-      f"framework={framework!r} is not one of {config_lib.FRAMEWORKS}"
-    )
-  if framework == "fp32":
-    return qp.FP32
-  q.check_bits(config.quant.bits)
-  points = _parse_points(config.quant.points)
-  _refuse_fields_it_does_not_read(config, points)
-  if framework == "dq":
-    return _degree_quant_config(config, points)
-  if framework == "a2q":
-    return _a2q_config(config)
-  if framework == "mixq":
-    return _mixq_config(config)
-  return qp.QuantConfig(
-    points=points,
-    calibration=q.CalibrationConfig(
-      mode=config.quant.calibration,
-      momentum=config.quant.momentum,
-      percentile=config.quant.percentile,
-    ),
-    rounding=config.quant.rounding,
-    gradient=config.quant.gradient,
-  )
-
-
-# The `quant` fields a framework does not read (plain QAT reads them all),
-# and what it uses instead.
-_UNREAD_QUANT_FIELDS = {
-  "dq": (
-    ("calibration", "momentum", "percentile", "gradient"),
-    "percentile ranges at dq.percentile and its clipped_inner STE",
-  ),
-  "a2q": (
-    ("calibration", "momentum", "percentile", "rounding", "gradient"),
-    "learned steps and widths; its STE is a2q.gradient",
-  ),
-  "mixq": (
-    ("calibration", "momentum", "percentile", "rounding", "gradient"),
-    "learned scales and zero points",
-  ),
-}
-
-
-def _refuse_fields_it_does_not_read(config, points) -> None:
-  """A changed setting that the framework ignores would mislead; refuse it."""
-  framework = config.quant.framework
-  if framework in ("a2q", "mixq") and set(points) != set(qp.POINT_NAMES):
-    # Each has its own points field.
-    raise ValueError(
-      f"quant.points={config.quant.points!r} does not apply to framework "
-      f"{framework!r}: set {framework}.points (now "
-      f"{config[framework].points!r})"
-    )
-  if framework not in _UNREAD_QUANT_FIELDS:
-    return
-  fields, instead = _UNREAD_QUANT_FIELDS[framework]
-  defaults = config_lib.get_config(config.dataset).quant
-  changed = [
-    f"quant.{name}={config.quant[name]!r}"
-    for name in fields
-    if config.quant[name] != defaults[name]
-  ]
-  if changed:
-    raise ValueError(
-      f"{', '.join(changed)} does not apply to framework {framework!r}, "
-      f"which uses {instead}"
-    )
-
-
-def _parse_points(text: str) -> tuple[str, ...]:
-  """The names in a comma list, blanks dropped; QuantConfig checks them."""
-  return tuple(name for name in (p.strip() for p in text.split(",")) if name)
-
-
-def _a2q_config(config) -> qp.QuantConfig:
-  """A2Q's quantizer at its own points (per channel / per node or pool)."""
-  settings = config.a2q
-  points = _parse_points(settings.points)
-  transductive = data_lib.is_node_dataset(config.dataset)
-  return qp.QuantConfig(
-    points=points,
-    gradient=settings.gradient,
-    a2q=a2q.A2QConfig(
-      transductive=transductive,
-      **({} if transductive else a2q.GRAPH_TASK_SETTINGS),
-      quantize_first_input=settings.quantize_first_input,
-      pool_size=settings.pool_size,
-      local_gradient=settings.local_gradient,
-      memory_weight=settings.memory_weight,
-      memory_target_kb=settings.memory_target_kb or None,
-      target_average_bits=settings.target_average_bits,
-    ),
-  )
-
-
-def _mixq_config(config) -> qp.QuantConfig:
-  settings = config.mixq
-  try:
-    candidates = tuple(int(b) for b in settings.candidates.split(","))
-    selected = None
-    if settings.selected:
-      pairs = (item.rsplit("=", 1) for item in settings.selected.split(","))
-      selected = tuple((name, int(bits)) for name, bits in pairs)
-  except ValueError as error:
-    raise ValueError(
-      f"mixq.candidates={settings.candidates!r} and mixq.selected="
-      f"{settings.selected!r} must be 'b1,b2,...' and 'component=bits,...'"
-    ) from error
-  return qp.QuantConfig(
-    points=_parse_points(settings.points),
-    gradient="clipped",
-    mixq=mixq.MixQConfig(
-      candidates=candidates,
-      memory_weight=settings.memory_weight,
-      granularity=settings.granularity,
-      selected=selected,
-    ),
-  )
-
-
-def _degree_quant_config(config, points) -> qp.QuantConfig:
-  """Degree-Quant's GC-PER bundle; defaults by bit width as its runs."""
-  low_bits = config.quant.bits <= 4
-  dq = config.dq
-  low = dq.low if dq.low is not None else (0.1 if low_bits else 0.0)
-  percentile = dq.percentile
-  if percentile is None:
-    percentile = 0.01 if low_bits else 0.001
-  return qp.QuantConfig(
-    points=points,
-    calibration=q.CalibrationConfig(
-      mode="percentile",
-      percentile=percentile,
-      sample_size=dq.sample_size or None,
-    ),
-    rounding=config.quant.rounding,
-    # GC as the reference codes it: the boundary codes pass no gradient
-    # either (PyTorch's fake_quantize, "clipped", keeps them).
-    gradient="clipped_inner",
-    protection=degree_quant.DegreeProtection(
-      p_min=low,
-      p_max=min(1.0, low + dq.change),
-      per_layer=dq.per_layer_mask,
-    ),
-  )
-
-
-def prompt_config(config: ml_collections.ConfigDict) -> prompts.PromptConfig:
-  return prompts.PromptConfig(
-    kind=config.prompt.kind,
-    num_prompts=config.prompt.num_prompts,
-    rank=config.prompt.rank,
-    init=config.prompt.init,
-    position=config.prompt.get("position", "post"),
-    implementation=config.prompt.implementation,
-  )
-
-
-def create_model(
-  config: ml_collections.ConfigDict, *, num_classes: int, task: str
-) -> models.GNN:
-  """Builds the GNN of a config.
-
-  Raises:
-    ValueError: on unknown architecture, framework or prompt names, bits
-      outside 1..16, or ranks / prompt counts below 1.
-  """
-  return _model(
-    model_config(config, num_classes=num_classes, task=task),
-    quant_config(config),
-    prompt_config(config),
-  )
-
-
-def model_config(
-  config: ml_collections.ConfigDict, *, num_classes: int, task: str
-) -> models.ModelConfig:
-  """The `ModelConfig` of a run; refuses bad widths, rates and names."""
-  return models.ModelConfig(
-    architecture=config.model.architecture,
-    task=task,
-    num_classes=num_classes,
-    hidden=config.model.hidden,
-    num_layers=config.model.num_layers,
-    dropout=config.model.dropout,
-    readout_dropout=config.model.readout_dropout,
-    heads=config.model.heads,
-    attention_dropout=config.model.attention_dropout,
-    batch_norm=config.model.batch_norm,
-    readout=config.model.readout,
-  )
-
-
-@functools.cache
-def _model(model_config, quant, prompt) -> models.GNN:
-  # One object per distinct model. TrainState keeps `model.apply`, a bound
-  # method, and bound methods compare by their object's identity: equal
-  # models built twice (MixQ's stages in every fold, a second call of
-  # train_and_evaluate) would otherwise recompile every step.
-  return models.GNN(model=model_config, quant=quant, prompt=prompt)
-
-
-# Optimizer groups of A2Q's quantizer parameters, by leaf name. The
-# reference never hands weight and XW bit widths to its optimizer: they stay
-# at their initial value ("a2q_frozen").
-A2Q_GROUPS = {
-  "a2q_weight_step": "a2q_step_weight",
-  "a2q_xw_step": "a2q_step_xw",
-  "a2q_weight_bits": "a2q_frozen",
-  "a2q_xw_bits": "a2q_frozen",
-}
-
-
-def parameter_groups(params) -> Any:
-  """Labels every parameter with its optimizer group.
-
-  "prompt" (GPF / LoRAP modules), "backbone", or an A2Q quantizer group:
-  "a2q_step_weight", "a2q_step_xw", "a2q_step_feature", "a2q_bits_feature"
-  or "a2q_frozen".
-  """
-
-  def label(path, _):
-    names = [str(getattr(k, "key", k)) for k in path]
-    leaf = names[-1]
-    if leaf.startswith("a2q_"):
-      default = "a2q_bits_feature" if leaf.endswith("_bits") else None
-      return A2Q_GROUPS.get(leaf, default or "a2q_step_feature")
-    is_prompt = any(n.startswith(prompts.PROMPT_MODULE_PREFIXES) for n in names)
-    return "prompt" if is_prompt else "backbone"
-
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def _adam_with_l2(
-  learning_rate, weight_decay, decay_every_steps=0, decay_factor=1.0
-):
-  # PyTorch's Adam(weight_decay=...) adds the L2 term to the gradient before
-  # the moment estimates (coupled, unlike AdamW); the anchors all use it.
-  if decay_every_steps:
-    # The step decay is built here, from the injected rate, rather than
-    # being the injected value: the rate then stays a number in the state,
-    # which can change or be vmapped without a new optimizer.
-    learning_rate = optax.exponential_decay(
-      learning_rate,
-      transition_steps=decay_every_steps,
-      decay_rate=decay_factor,
-      staircase=True,
-    )
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay),
-    optax.scale_by_adam(),
-    optax.scale_by_learning_rate(learning_rate),
-  )
-
-
-def create_optimizer(
-  config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1
-) -> optax.GradientTransformation:
-  """Adam (L2-coupled) with a separate learning rate for prompt parameters.
-
-  Learning rates and weight decays are injected hyper-parameters (they can
-  change, or be vmapped in sweeps, without a new optimizer); a step decay
-  (`lr_decay_every` epochs of `steps_per_epoch` steps) applies to every
-  group.
-  """
-  train = config.train
-  adam = optax.inject_hyperparams(
-    _adam_with_l2, static_args=("decay_every_steps", "decay_factor")
-  )
-  transforms = {
-    group: adam(
-      **values,
-      decay_every_steps=train.lr_decay_every * steps_per_epoch,
-      decay_factor=train.lr_decay_factor,
-    )
-    for group, values in injected_hyperparameters(config).items()
-  }
-  # A2Q's weight and XW bit widths stay at their initial value (A2Q_GROUPS).
-  transforms["a2q_frozen"] = optax.set_to_zero()
-  return optax.multi_transform(
-    _trainable_transforms(transforms, train.trainable), parameter_groups
-  )
-
-
-TRAINABLE = ("all", "prompts")
-
-
-def _trainable_transforms(transforms: dict, trainable: str) -> dict:
-  """`transforms` with every group but "prompt" zeroed when only prompts
-  train: the backbone and A2Q's learned quantizer parameters then get
-  zero updates (and keep no optimizer moments)."""
-  if trainable not in TRAINABLE:
-    raise ValueError(f"train.trainable={trainable!r} is not one of {TRAINABLE}")
-  if trainable == "all":
-    return transforms
-  return {
-    group: transform if group == "prompt" else optax.set_to_zero()
-    for group, transform in transforms.items()
-  }
-
-
-# A2Q's learned quantizer parameters: their own learning rates, no weight
-# decay (the reference's groups).
-A2Q_QUANTIZER_GROUPS = (
-  "step_weight",
-  "step_xw",
-  "step_feature",
-  "bits_feature",
-)
-
-
-def _hyperparameter_paths(config) -> list[tuple[str, str, str, str]]:
-  """(group, name, config section, config field) of each injected value the
-  config sets; A2Q's groups only where it has A2Q settings."""
-  paths = [
-    ("backbone", "learning_rate", "train", "learning_rate"),
-    ("backbone", "weight_decay", "train", "weight_decay"),
-    ("prompt", "learning_rate", "prompt", "learning_rate"),
-    ("prompt", "weight_decay", "prompt", "weight_decay"),
-  ]
-  if config.get("a2q"):
-    paths += [
-      (f"a2q_{group}", "learning_rate", "a2q", f"lr_{group}")
-      for group in A2Q_QUANTIZER_GROUPS
-    ]
-  return paths
-
-
-def injected_hyperparameters(config) -> dict[str, dict[str, float]]:
-  """The learning rate and weight decay of each optimizer group, from
-  `config`: the values `create_optimizer` injects."""
-  # A2Q's groups have no weight decay, and no learning rate without A2Q.
-  values = {
-    f"a2q_{group}": {"learning_rate": 0.0, "weight_decay": 0.0}
-    for group in A2Q_QUANTIZER_GROUPS
-  }
-  for group, name, section, field in _hyperparameter_paths(config):
-    values.setdefault(group, {})[name] = config[section][field]
-  return values
-
-
-def with_hyperparameters(opt_state, values: Mapping[str, Mapping[str, Any]]):
-  """`opt_state` of `create_optimizer` with `values[group][name]` injected.
-
-  `optax.inject_hyperparams` keeps the values as arrays in the state, so
-  they can change (or be vmapped) without changing the optimizer. A group
-  without them (a frozen group's `set_to_zero`) is left alone.
-  """
-  inner = dict(opt_state.inner_states)
-  for group, settings in values.items():
-    masked = inner[group]
-    hyperparams = getattr(masked.inner_state, "hyperparams", None)
-    if hyperparams is None:
-      continue
-    hyperparams = dict(hyperparams)
-    for name, value in settings.items():
-      hyperparams[name] = jnp.asarray(value, hyperparams[name].dtype)
-    inner[group] = masked._replace(
-      inner_state=masked.inner_state._replace(hyperparams=hyperparams)
-    )
-  return opt_state._replace(inner_states=inner)
-
-
-@functools.cache
-def _cached_optimizer(config_json: str, steps_per_epoch: int):
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  return create_optimizer(config, steps_per_epoch=steps_per_epoch)
-
-
-def _optimizer(config, *, steps_per_epoch: int):
-  # The optimizer is a static field of TrainState: one object per optimizer
-  # structure keeps jit's cache warm across seeds, folds and calls. Learning
-  # rates and weight decays are not part of that structure (they live in
-  # the state: `initial_train_state` writes them), so a run at a new
-  # learning rate does not recompile its steps; nor, without a step decay,
-  # do epochs of another length, which only the decay counts.
-  if not config.train.lr_decay_every:
-    steps_per_epoch = 1
-  config = config.copy_and_resolve_references()
-  for _, _, section, field in _hyperparameter_paths(config):
-    config[section][field] = 0.0
-  return _cached_optimizer(config.to_json(), steps_per_epoch)
-
-
-def initial_train_state(
-  config, model, graph, key, *, steps_per_epoch: int = 1, bits=None, **kwargs
-) -> TrainState:
-  """`create_train_state` with `config`'s optimizer and hyper-parameters.
-
-  `bits` defaults to `config.quant.bits`; `kwargs` go to
-  `create_train_state`.
-  """
-  tx = _optimizer(config, steps_per_epoch=steps_per_epoch)
-  state = create_train_state(
-    model,
-    tx,
-    graph,
-    key,
-    config.quant.bits if bits is None else bits,
-    **kwargs,
-  )
-  return state.replace(
-    opt_state=with_hyperparameters(
-      state.opt_state, injected_hyperparameters(config)
-    )
-  )
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _init_variables(model: models.GNN, rng, graph, bits, train: bool = False):
-  # One compiled program rather than hundreds of eager ops, and one per
-  # model (modules hash by value): seeds and folds reuse it. In training
-  # mode (MixQ's calibration with BatchNorm) dropout draws from `rng` too,
-  # and BatchNorm normalises by the batch but, while initialising, leaves
-  # its running averages at their start.
-  return model.init(
-    {"params": rng, "dropout": rng}, graph, bits=bits, train=train
-  )
-
-
-def create_train_state(
-  model: models.GNN,
-  tx: optax.GradientTransformation,
-  graph: jraph.GraphsTuple,
-  rng: jax.Array,
-  bits,
-  *,
-  start_from: Mapping[str, Any] | None = None,
-  loss: str = "cross_entropy",
-  target_affine=None,
-  update_statistics: bool = True,
-) -> TrainState:
-  """Initialises parameters, quantizer ranges and the optimizer state.
-
-  Args:
-    model: the model.
-    tx: the optimizer.
-    graph: an example input (a node task's graph, or a training batch);
-      data-dependent initialisers (MixQ's calibration) see it.
-    rng: the initialisation key.
-    bits: the bit width (array).
-    start_from: variables ({"params": ..., "batch_stats": ...}) of a
-      trained model to start from, e.g. MixQ's FP32 stage. Parameters it
-      lacks (the quantizers') are created on `graph` as computed with its
-      weights, i.e. calibrated on the trained model.
-    loss: the training loss (`LOSSES`): "cross_entropy" for
-      classification, "l1" or "mse" for regression (output column 0).
-    target_affine: regression: (shift, scale) of the predictions, e.g. the
-      training targets' mean and std; None: the raw output.
-    update_statistics: whether training steps update the quantizer ranges
-      and BatchNorm averages (`train.update_statistics`).
-  """
-  if loss not in LOSSES:
-    raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
-  bits = jnp.asarray(bits, jnp.float32)
-  variables = _init_variables(
-    model,
-    rng,
-    graph,
-    bits,
-    start_from is None and _mixq_calibrates_in_training_mode(model),
-  )
-  if start_from is not None:
-    _, created = model.apply(
-      {**variables, **start_from},
-      graph,
-      bits=bits,
-      train=False,
-      mutable=["params"],
-      rngs={"params": rng},
-    )
-    variables = {**variables, **start_from, "params": created["params"]}
-  params = variables["params"]
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    quant_stats=variables.get(qp.QUANT_STATS, {}),
-    batch_stats=variables.get("batch_stats", {}),
-    opt_state=tx.init(params),
-    bits=bits,
-    apply_fn=model.apply,
-    tx=tx,
-    quant=model.quant,
-    loss=loss,
-    target_affine=None
-    if target_affine is None
-    else jnp.asarray(target_affine, jnp.float32),
-    update_statistics=update_statistics,
-  )
-
-
-def _mixq_calibrates_in_training_mode(model: models.GNN) -> bool:
-  """Whether MixQ calibrates `model` in a training-mode `init`.
-
-  MixQ calibrates once, on its first (training) batch. In evaluation mode
-  BatchNorm divides by its initial running averages (the identity): the
-  sums of a GIN on dense graphs then grow layer by layer (IMDB-MULTI:
-  degrees near 100, five layers), and scales calibrated on them are orders
-  of magnitude wider than the batch-normalised activations of training
-  (2026-12-06: every IMDB-MULTI run diverged, losses in the thousands).
-  Models without BatchNorm keep an evaluation-mode `init`, whose
-  calibration differs from a training pass by dropout only.
-  """
-  return (
-    model.quant.mixq is not None
-    and model.model.architecture == "gin"
-    and model.model.batch_norm
-  )
-
-
-# ---------------------------------------------------------------------------
-# Steps.
-# ---------------------------------------------------------------------------
-
-
-def cross_entropy_loss(*, logits, labels, mask) -> jax.Array:
-  """Mean softmax cross-entropy over the outputs where `mask` is True."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  weights = mask.astype(losses.dtype)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-LOSSES = ("cross_entropy", "l1", "mse")
-REGRESSION_LOSSES = ("l1", "mse")
-
-
-def regression_loss(*, predictions, targets, mask, kind="l1") -> jax.Array:
-  """Mean absolute ("l1") or squared ("mse") error where `mask` is True."""
-  if kind not in REGRESSION_LOSSES:
-    raise ValueError(f"kind={kind!r} is not one of {REGRESSION_LOSSES}")
-  errors = _regression_errors(predictions, targets, kind)
-  weights = mask.astype(errors.dtype)
-  return jnp.sum(errors * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def _regression_errors(predictions, targets, kind) -> jax.Array:
-  difference = predictions - targets
-  return jnp.abs(difference) if kind == "l1" else jnp.square(difference)
-
-
-def task_loss(config: ml_collections.ConfigDict, task: str) -> str:
-  """The training loss of a task: cross-entropy, or the regression loss.
-
-  Raises:
-    ValueError: on an unknown `train.regression_loss`, or a selection
-      criterion that does not fit the task (val_acc for regression, val_mae
-      for classification).
-  """
-  selection = config.train.selection
-  if task == "regression":
-    loss = config.train.regression_loss
-    if loss not in REGRESSION_LOSSES:
-      raise ValueError(
-        f"train.regression_loss={loss!r} is not one of {REGRESSION_LOSSES}"
-      )
-    if selection == "val_acc":
-      raise ValueError(
-        f"{config.dataset} is a regression task: selection='val_acc' has "
-        "no accuracy to select on; use 'val_mae' or 'val_loss'"
-      )
-    return loss
-  if selection == "val_mae":
-    raise ValueError(
-      f"selection='val_mae' needs a regression task; {config.dataset} is "
-      "classification: use 'val_acc' or 'val_loss'"
-    )
-  return "cross_entropy"
-
-
-def regression_predictions(outputs, target_affine) -> jax.Array:
-  """[n] predictions from [n, 1] outputs: shift + scale * output."""
-  if target_affine is None:
-    return outputs[:, 0]
-  return target_affine[0] + target_affine[1] * outputs[:, 0]
-
-
-def _loss_and_metric(state, outputs, labels, mask):
-  """(loss, {"accuracy" or "mae": ...}) of a batch."""
-  kind = state.loss
-  weight = jnp.maximum(jnp.sum(mask), 1)
-  if kind == "cross_entropy":
-    loss = cross_entropy_loss(logits=outputs, labels=labels, mask=mask)
-    correct = (jnp.argmax(outputs, -1) == labels) & mask
-    return loss, {"accuracy": jnp.sum(correct) / weight}
-  predictions = regression_predictions(outputs, state.target_affine)
-  loss = regression_loss(
-    predictions=predictions, targets=labels, mask=mask, kind=kind
-  )
-  absolute = jnp.where(mask, jnp.abs(predictions - labels), 0.0)
-  return loss, {"mae": jnp.sum(absolute) / weight}
-
-
-def quantization_penalty(quant: qp.QuantConfig, updates) -> jax.Array:
-  """The framework's regulariser from what the forward pass sowed.
-
-  A2Q: lambda * ReLU(M_feat - M_target)^2 on the feature memory (KB).
-  MixQ: lambda * the expected memory (KB) of every component.
-  """
-  if quant.mixq is not None and updates.get(mixq.EXPECTED_MEMORY):
-    expected = sum(jax.tree.leaves(updates[mixq.EXPECTED_MEMORY]))
-    return mixq.memory_penalty(expected, quant.mixq)
-  sown = updates.get(a2q.FEATURE_MEMORY)
-  if quant.a2q is None or not sown:
-    return jnp.zeros(())
-  return a2q.memory_penalty(sum(jax.tree.leaves(sown)), quant.a2q)
-
-
-@jax.jit
-def train_step(state: TrainState, batch: Batch, rng: jax.Array):
-  """One optimizer step. Returns the new state and {"loss", "accuracy"}
-  ({"loss", "mae"} for a regression loss)."""
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-      {**state.variables(), "params": params},
-      batch.graph,
-      bits=state.bits,
-      train=True,
-      rngs={"dropout": rng, "protect": jax.random.fold_in(rng, 1)},
-      mutable=MUTABLE,
-    )
-    loss, metric = _loss_and_metric(state, logits, batch.labels, batch.mask)
-    loss = loss + quantization_penalty(state.quant, updates)
-    return loss, (metric, updates)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, (metric, updates)), grads = grad_fn(state.params)
-  new_state = state.apply_gradients(grads)
-  if state.update_statistics:
-    new_state = new_state.replace(
-      quant_stats=updates.get(qp.QUANT_STATS, state.quant_stats),
-      batch_stats=updates.get("batch_stats", state.batch_stats),
-    )
-  return new_state, {"loss": loss, **metric}
-
-
-@jax.jit
-def eval_step(state: TrainState, batch: EvalBatch) -> dict:
-  """Frozen-range forward pass; per mask: loss sum, count, and the correct
-  count (classification) or the absolute-error sum (regression)."""
-  logits = state.apply_fn(
-    state.variables(), batch.graph, bits=state.bits, train=False
-  )
-  if state.loss == "cross_entropy":
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, batch.labels
-    )
-    name, values = "correct", jnp.argmax(logits, -1) == batch.labels
-  else:
-    predictions = regression_predictions(logits, state.target_affine)
-    losses = _regression_errors(predictions, batch.labels, state.loss)
-    name, values = "abs_error", jnp.abs(predictions - batch.labels)
-  return {
-    split: {
-      "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-      name: jnp.sum(jnp.where(mask, values, 0)),
-      "count": jnp.sum(mask),
-    }
-    for split, mask in batch.masks.items()
-  }
-
-
-def summarize_eval(sums: Iterable[dict]) -> dict[str, dict[str, float]]:
-  """Adds per-batch eval sums and turns them into means per split: "loss",
-  and "accuracy" (classification) or "mae" (regression)."""
-  total: dict[str, dict[str, float]] = {}
-  for batch_sums in sums:
-    for split, stats in jax.device_get(batch_sums).items():
-      running = total.setdefault(split, {})
-      for key, value in stats.items():
-        running[key] = running.get(key, 0.0) + np.float64(value)
-  means = {"loss_sum": "loss", "correct": "accuracy", "abs_error": "mae"}
-  return {
-    split: {
-      mean: float(stats[key] / max(stats["count"], 1))
-      for key, mean in means.items()
-      if key in stats
-    }
-    for split, stats in total.items()
-  }
-
+from lorap_jax._src import steps as steps_lib
+from lorap_jax._src import train_state as state_lib
 
 # ---------------------------------------------------------------------------
 # Data to batches.
 # ---------------------------------------------------------------------------
 
 
-def node_inputs(dataset, config) -> tuple[jraph.GraphsTuple, EvalBatch]:
+def node_inputs(
+  dataset, config
+) -> tuple[jraph.GraphsTuple, steps_lib.EvalBatch]:
   """Device-side graph and the train/val/test eval batch of a node dataset.
 
   Features go to the sparse COO form when they are mostly zeros, no node
@@ -835,13 +66,15 @@ def node_inputs(dataset, config) -> tuple[jraph.GraphsTuple, EvalBatch]:
     "val": dataset.val_mask,
     "test": dataset.test_mask,
   }
-  eval_batch = EvalBatch(
+  eval_batch = steps_lib.EvalBatch(
     graph, jnp.asarray(dataset.labels), jax.device_put(masks)
   )
   return graph, eval_batch
 
 
-def seed_eval_batch(dataset, eval_batch: EvalBatch, seeds) -> EvalBatch:
+def seed_eval_batch(
+  dataset, eval_batch: steps_lib.EvalBatch, seeds
+) -> steps_lib.EvalBatch:
   """`eval_batch` with the masks of `seeds` for per-seed splits (Amazon).
 
   Datasets with a fixed split get `eval_batch` back. `seeds` is one seed
@@ -872,7 +105,7 @@ def _graph_batches(
     shuffle=shuffle,
     rng=rng,
   ):
-    batch = Batch(batch.graph, batch.labels, batch.graph_mask)
+    batch = steps_lib.Batch(batch.graph, batch.labels, batch.graph_mask)
     yield batch if place is None else place(batch)
 
 
@@ -906,11 +139,11 @@ class RunRecord(NamedTuple):
   val_acc: float | None
   test_acc: float | None
   epoch_times_ms: list[float]
-  state: TrainState
+  state: state_lib.TrainState
   # Framework figures of this run (e.g. MixQ's selected widths).
   extras: Mapping[str, Any] = {}
   # The state after the last epoch (MixQ selects widths from it).
-  last_state: TrainState | None = None
+  last_state: state_lib.TrainState | None = None
   val_mae: float | None = None
   test_mae: float | None = None
 
@@ -928,7 +161,9 @@ class _Selector:
     self.criterion = criterion
     self.best: tuple[float, int, dict] | None = None
 
-  def update(self, epoch: int, metrics: dict, state: TrainState) -> None:
+  def update(
+    self, epoch: int, metrics: dict, state: state_lib.TrainState
+  ) -> None:
     val = metrics["val"]
     if self.criterion == "val_acc":
       score = val["accuracy"]
@@ -1089,10 +324,12 @@ def _train_node_run(
   start_from=None,
   checkpointer=None,
 ) -> RunRecord:
-  train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  train_batch = steps_lib.Batch(
+    graph, eval_batch.labels, eval_batch.masks["train"]
+  )
   key = jax.random.key(seed)
   init_key, dropout_key = jax.random.split(key)
-  state = initial_train_state(
+  state = state_lib.initial_train_state(
     config,
     model,
     graph,
@@ -1113,11 +350,15 @@ def _train_node_run(
     rng = jax.random.fold_in(dropout_key, epoch)
 
     def epoch_fn(state=state, rng=rng):
-      new_state, train_metrics = train_step(state, train_batch, rng)
-      return new_state, train_metrics, eval_step(new_state, eval_batch)
+      new_state, train_metrics = steps_lib.train_step(state, train_batch, rng)
+      return (
+        new_state,
+        train_metrics,
+        steps_lib.eval_step(new_state, eval_batch),
+      )
 
     (state, train_metrics, sums), elapsed = _timed(epoch_fn)
-    metrics = summarize_eval([sums])
+    metrics = steps_lib.summarize_eval([sums])
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed
     )
@@ -1127,14 +368,16 @@ def _train_node_run(
 
 
 # All seeds of a node task in one program: states stacked on a leading axis.
-_seeds_train_step = jax.jit(jax.vmap(train_step, in_axes=(0, None, 0)))
-_seeds_eval_step = jax.jit(jax.vmap(eval_step, in_axes=(0, None)))
+_seeds_train_step = jax.jit(
+  jax.vmap(steps_lib.train_step, in_axes=(0, None, 0))
+)
+_seeds_eval_step = jax.jit(jax.vmap(steps_lib.eval_step, in_axes=(0, None)))
 # The same where each seed has its own split: the masks carry a seed axis.
 _split_seeds_train_step = jax.jit(
-  jax.vmap(train_step, in_axes=(0, Batch(None, None, 0), 0))
+  jax.vmap(steps_lib.train_step, in_axes=(0, steps_lib.Batch(None, None, 0), 0))
 )
 _split_seeds_eval_step = jax.jit(
-  jax.vmap(eval_step, in_axes=(0, EvalBatch(None, None, 0)))
+  jax.vmap(steps_lib.eval_step, in_axes=(0, steps_lib.EvalBatch(None, None, 0)))
 )
 
 
@@ -1149,12 +392,14 @@ def _train_node_runs_vmapped(
   of seeds. The checkpointer saves the stacked states (latest, and each
   seed's selected one) and resumes them like a single run's.
   """
-  train_batch = Batch(graph, eval_batch.labels, eval_batch.masks["train"])
+  train_batch = steps_lib.Batch(
+    graph, eval_batch.labels, eval_batch.masks["train"]
+  )
   keys = [jax.random.split(jax.random.key(seed)) for seed in seeds]
   init_keys = jnp.stack([k[0] for k in keys])
   dropout_keys = jnp.stack([k[1] for k in keys])
   states = jax.vmap(
-    lambda key: initial_train_state(
+    lambda key: state_lib.initial_train_state(
       config,
       model,
       graph,
@@ -1201,7 +446,7 @@ def _train_node_runs_vmapped(
       _refuse_non_finite(
         seed_train["loss"], f"seed {seed} at epoch {epoch}", checkpointer
       )
-      metrics = summarize_eval([_seed_row(sums, i)])
+      metrics = steps_lib.summarize_eval([_seed_row(sums, i)])
       previous = selector.best
       selector.update(epoch, metrics, None)
       moved.append(selector.best is not previous)
@@ -1290,13 +535,13 @@ def _train_graph_run(
   example = next(
     _graph_batches(dataset, fold.train, config, budgets, shuffle=False, rng=rng)
   )
-  state = initial_train_state(
+  state = state_lib.initial_train_state(
     config,
     model,
     example.graph,
     init_key,
     steps_per_epoch=steps_per_epoch,
-    loss=task_loss(config, dataset.task),
+    loss=steps_lib.task_loss(config, dataset.task),
     target_affine=_target_affine(config, dataset, fold),
     update_statistics=config.train.update_statistics,
   )
@@ -1311,7 +556,7 @@ def _train_graph_run(
     return finished
   eval_sets = {
     name: [
-      EvalBatch(b.graph, b.labels, {name: b.mask})
+      steps_lib.EvalBatch(b.graph, b.labels, {name: b.mask})
       for b in _graph_batches(
         dataset, indices, config, budgets, shuffle=False, rng=rng, place=place
       )
@@ -1336,15 +581,17 @@ def _train_graph_run(
       losses = []
       for i, batch in enumerate(batches):
         step_rng = jax.random.fold_in(dropout_key, epoch * 100_003 + i)
-        state, step_metrics = train_step(state, batch, step_rng)
+        state, step_metrics = steps_lib.train_step(state, batch, step_rng)
         losses.append(step_metrics["loss"])
       sums = [
-        eval_step(state, b) for batches in eval_sets.values() for b in batches
+        steps_lib.eval_step(state, b)
+        for batches in eval_sets.values()
+        for b in batches
       ]
       return state, jnp.mean(jnp.stack(losses)), sums
 
     (state, train_loss, sums), elapsed = _timed(epoch_fn)
-    metrics = summarize_eval(sums)
+    metrics = steps_lib.summarize_eval(sums)
     log(
       seed=seed,
       fold=fold_index,
@@ -1369,7 +616,9 @@ def _target_affine(config, dataset, fold):
 
 def _mixq_selection(config, state) -> tuple[dict[str, int], str]:
   """The searched widths and the config string that fixes them."""
-  chosen = mixq.selected_widths(state.params, quant_config(config).mixq)
+  chosen = mixq.selected_widths(
+    state.params, state_lib.quant_config(config).mixq
+  )
   return chosen, ",".join(f"{name}={bits}" for name, bits in chosen.items())
 
 
@@ -1408,7 +657,9 @@ def _train_mixq_node_run(
   """
 
   def run(stage_config, stage, start_from=None):
-    model = create_model(stage_config, num_classes=num_classes, task="node")
+    model = state_lib.create_model(
+      stage_config, num_classes=num_classes, task="node"
+    )
     return _train_node_run(
       model,
       stage_config,
@@ -1468,7 +719,7 @@ def _train_mixq_graph_run(
   del model
 
   def run(stage_config, stage):
-    model = create_model(
+    model = state_lib.create_model(
       stage_config, num_classes=dataset.num_classes, task="graph"
     )
     return _train_graph_run(
@@ -1574,19 +825,18 @@ def _is_real(value) -> bool:
 
 def _validate(config) -> None:
   """Refuses bad settings before any data is read or anything compiled."""
-  quant_config(config)
-  prompt_config(config)
+  state_lib.quant_config(config)
+  state_lib.prompt_config(config)
   # The class count is the data's; every other field is checked here.
   task = "node" if data_lib.is_node_dataset(config.dataset) else "graph"
-  model_config(config, num_classes=1, task=task)
+  state_lib.model_config(config, num_classes=1, task=task)
   if config.train.selection not in SELECTIONS:
     raise ValueError(
       f"selection={config.train.selection!r} is not one of {SELECTIONS}"
     )
-  if config.train.trainable not in TRAINABLE:
-    raise ValueError(
-      f"train.trainable={config.train.trainable!r} is not one of {TRAINABLE}"
-    )
+  trainable, known = config.train.trainable, state_lib.TRAINABLE
+  if trainable not in known:
+    raise ValueError(f"train.trainable={trainable!r} is not one of {known}")
   if config.train.trainable == "prompts" and config.prompt.kind == "none":
     raise ValueError(
       "train.trainable='prompts' with prompt kind 'none' trains nothing; "
@@ -1605,7 +855,7 @@ def _validate(config) -> None:
       "train.trainable='prompts' with framework mixq: MixQ's width search "
       "and FP32 stage train the backbone; use another framework"
     )
-  for _, _, section, field in _hyperparameter_paths(config):
+  for _, _, section, field in state_lib._hyperparameter_paths(config):
     value = config[section][field]
     if not _is_real(value) or not 0 <= value < math.inf:
       raise ValueError(
@@ -1696,8 +946,8 @@ def train_and_evaluate(
     config.dataset, config.data_dir or None, **_dataset_options(config)
   )
   node_task = isinstance(dataset, data_lib.NodeDataset)
-  task_loss(config, getattr(dataset, "task", "classification"))
-  model = create_model(
+  steps_lib.task_loss(config, getattr(dataset, "task", "classification"))
+  model = state_lib.create_model(
     config,
     num_classes=dataset.num_classes,
     task="node" if node_task else "graph",
@@ -1940,7 +1190,7 @@ def framework_figures(config, dataset, records) -> dict:
   run's selected widths, their mean, and (node tasks) the estimated bit
   operations of one forward pass of the fixed model.
   """
-  quant = quant_config(config)
+  quant = state_lib.quant_config(config)
   if quant.mixq is not None:
     return _mixq_figures(config, dataset, records)
   if quant.a2q is not None:
@@ -1979,12 +1229,12 @@ def _a2q_stored_feature_bits(state, graphs) -> float:
 
 
 @jax.jit
-def _stored_feature_bits(state: TrainState, graph) -> jax.Array:
+def _stored_feature_bits(state: state_lib.TrainState, graph) -> jax.Array:
   """(stored bits, stored elements) of one batch, from A2Q's sown memory."""
   return sum(jax.tree.leaves(_sown(state, graph, a2q.FEATURE_MEMORY)))[2:]
 
 
-def _sown(state: TrainState, graph, collection: str):
+def _sown(state: state_lib.TrainState, graph, collection: str):
   """What an evaluation forward pass sows into `collection`."""
   _, sown = state.apply_fn(
     state.variables(),
@@ -2064,7 +1314,7 @@ def _summary(config, dataset, records, node_task, version) -> dict:
   # Epochs 0 and 1 include compilation; the rest are steady-state.
   steady = [t for r in records for t in r.epoch_times_ms[2:]]
   params = records[0].state.params
-  groups = parameter_groups(params)
+  groups = state_lib.parameter_groups(params)
   prompt_params = sum(
     leaf.size
     for leaf, group in zip(

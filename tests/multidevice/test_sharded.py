@@ -16,7 +16,9 @@ import pytest
 
 import lorap_jax
 from lorap_jax._src import distributed, sweep
+from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
+from lorap_jax._src import train_state as state_lib
 
 pytestmark = pytest.mark.skipif(
   jax.device_count() < 8,
@@ -73,15 +75,15 @@ def test_data_parallel_step_matches_one_device(framework, data_dir):
   mesh = train_lib.data_parallel_mesh(config)
   place = train_lib._batch_placement(mesh)
   batches = _host_batches(config, data_dir)
-  model = train_lib.create_model(config, num_classes=2, task="graph")
+  model = state_lib.create_model(config, num_classes=2, task="graph")
   # SGD, so parameter updates are proportional to the gradients (Adam's
   # first step is lr * sign(gradient), whatever the gradient's size).
-  state = train_lib.create_train_state(
+  state = state_lib.create_train_state(
     model, optax.sgd(0.05), batches[0].graph, jax.random.key(0), 4
   )
   # The first step sets the ranges from one batch; the steps compared
   # below then update initialised ranges, as every later step does.
-  state, _ = train_lib.train_step(state, batches[0], jax.random.key(0))
+  state, _ = steps_lib.train_step(state, batches[0], jax.random.key(0))
   for i, batch in enumerate(batches[1:3], start=1):
     sharded_batch = place(batch)
     assert len(sharded_batch.graph.nodes.sharding.device_set) == 8
@@ -89,10 +91,10 @@ def test_data_parallel_step_matches_one_device(framework, data_dir):
       s.data.shape[0] for s in sharded_batch.graph.nodes.addressable_shards
     }
     assert rows == {batch.graph.nodes.shape[0] // 8}
-    single, single_metrics = train_lib.train_step(
+    single, single_metrics = steps_lib.train_step(
       state, batch, jax.random.key(i)
     )
-    sharded, sharded_metrics = train_lib.train_step(
+    sharded, sharded_metrics = steps_lib.train_step(
       distributed.put_replicated(state, mesh), sharded_batch, jax.random.key(i)
     )
     np.testing.assert_allclose(
@@ -111,8 +113,8 @@ def test_data_parallel_step_matches_one_device(framework, data_dir):
         jax.device_get(getattr(single, name)),
       )
     sums = [
-      train_lib.eval_step(
-        s, train_lib.EvalBatch(b.graph, b.labels, {"all": b.mask})
+      steps_lib.eval_step(
+        s, steps_lib.EvalBatch(b.graph, b.labels, {"all": b.mask})
       )
       for s, b in ((sharded, sharded_batch), (single, batch))
     ]
