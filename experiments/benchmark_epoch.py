@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import lorap_jax
-from lorap_jax._src import train as train_lib
+from lorap_jax._src import runs as runs_lib
 
 ROWS = (
   ("FP32", "fp32", "none", True),
@@ -43,7 +43,7 @@ def make_epoch(config, dataset, *, evaluate: bool = True):
   model = lorap_jax.create_model(
     config, num_classes=dataset.num_classes, task="node"
   )
-  graph, eval_batch = train_lib.node_inputs(dataset, config)
+  graph, eval_batch = runs_lib.node_inputs(dataset, config)
   batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
   state = lorap_jax.create_train_state(
     model, lorap_jax.create_optimizer(config), graph, jax.random.key(0), 4

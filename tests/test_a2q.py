@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import lorap_jax
-from lorap_jax._src import a2q, train
+from lorap_jax._src import a2q
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import train_state as state_lib
 
 
@@ -234,7 +235,7 @@ def _cora_a2q_state(data_dir):
   config.data_dir = str(data_dir)
   dataset = lorap_jax.load_dataset("cora", data_dir)
   model = lorap_jax.create_model(config, num_classes=7, task="node")
-  graph, eval_batch = train.node_inputs(dataset, config)
+  graph, eval_batch = runs_lib.node_inputs(dataset, config)
   state = lorap_jax.create_train_state(
     model, lorap_jax.create_optimizer(config), graph, jax.random.key(0), 4
   )

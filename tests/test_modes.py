@@ -19,8 +19,8 @@ import modes_table
 import lorap_jax
 from lorap_jax._src import cli
 from lorap_jax._src import data as data_lib
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
-from lorap_jax._src import train as train_lib
 from lorap_jax._src import train_state as state_lib
 
 # ---------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_regression_eval_and_train_metrics_match_numpy():
 
 
 def test_selection_on_val_mae_takes_the_lowest():
-  selector = train_lib._Selector("val_mae")
+  selector = runs_lib._Selector("val_mae")
   for epoch, mae in enumerate([2.0, 1.2, 1.5, 1.2, 1.9]):
     metrics = {"val": {"mae": mae, "loss": 0.0}, "test": {"mae": 10 + mae}}
     selector.update(epoch, metrics, state=epoch)
@@ -201,7 +201,7 @@ def test_prompts_only_training_freezes_the_backbone_bitwise(data_dir, tmp_path):
   summary = lorap_jax.train_and_evaluate(config, tmp_path)
   trained = summary["states"][0]
   dataset = lorap_jax.load_dataset("cora", data_dir)
-  graph, _ = train_lib.node_inputs(dataset, config)
+  graph, _ = runs_lib.node_inputs(dataset, config)
   model = lorap_jax.create_model(config, num_classes=7, task="node")
   init_key, _ = jax.random.split(jax.random.key(0))
   initial = state_lib._init_variables(model, init_key, graph, jnp.float32(4))

@@ -15,6 +15,7 @@ from conftest import REPO_ROOT
 import lorap_jax
 from lorap_jax._src import cli, train
 from lorap_jax._src import config as config_lib
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train_state as state_lib
 
@@ -447,7 +448,7 @@ def _csbm_inputs(**overrides):
   model = lorap_jax.create_model(
     config, num_classes=dataset.num_classes, task="node"
   )
-  graph, eval_batch = train.node_inputs(dataset, config)
+  graph, eval_batch = runs_lib.node_inputs(dataset, config)
   batch = lorap_jax.Batch(graph, eval_batch.labels, eval_batch.masks["train"])
   return config, model, graph, batch
 

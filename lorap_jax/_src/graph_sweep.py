@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorap_jax._src import distributed
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import sweep as sweep_lib
 from lorap_jax._src import train as train_lib
@@ -43,7 +44,7 @@ class GraphRunInputs(NamedTuple):
     val_ids: ``[val_batches, batch_size]``.
     test_ids: ``[test_batches, batch_size]``.
     target_affine: regression with standardised targets: float32 ``[2]``,
-      the fold's training targets' mean and std (`train._target_affine`);
+      the fold's training targets' mean and std (`runs._target_affine`);
       else None.
   """
 
@@ -272,7 +273,7 @@ class GraphTask:
       schedule=schedule,
       val_ids=self._eval_ids[fold]["val"],
       test_ids=self._eval_ids[fold]["test"],
-      target_affine=train_lib._target_affine(
+      target_affine=runs_lib._target_affine(
         self.config, self.dataset, self.folds[fold]
       ),
     )

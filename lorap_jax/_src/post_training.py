@@ -24,6 +24,7 @@ from lorap_jax._src import checkpoints
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import quant_points as qp
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
 from lorap_jax._src import train_state as state_lib
@@ -162,9 +163,9 @@ def post_train_prompts(
     input_width=dataset.num_features,
     aggregate_widths=model.aggregate_widths(dataset.num_features),
   )
-  source_graph, source_batch = train_lib.node_inputs(dataset, source_config)
-  graph, eval_batch = train_lib.node_inputs(dataset, config)
-  log = train_lib._MetricsLog(workdir / "metrics.jsonl")
+  source_graph, source_batch = runs_lib.node_inputs(dataset, source_config)
+  graph, eval_batch = runs_lib.node_inputs(dataset, config)
+  log = runs_lib._MetricsLog(workdir / "metrics.jsonl")
   records, before = [], {"source": [], "initial": []}
   try:
     with tqdm.tqdm(
@@ -177,13 +178,13 @@ def post_train_prompts(
         )
         before["source"].append(
           _accuracies(
-            loaded, train_lib.seed_eval_batch(dataset, source_batch, seed)
+            loaded, runs_lib.seed_eval_batch(dataset, source_batch, seed)
           )
         )
         start = _start_variables(
           model, loaded, source_config, config, graph, seed
         )
-        seed_batch = train_lib.seed_eval_batch(dataset, eval_batch, seed)
+        seed_batch = runs_lib.seed_eval_batch(dataset, eval_batch, seed)
         calibration = _calibration_batch(
           seed_batch, config.train.calibration_size, seed
         )
@@ -195,7 +196,7 @@ def post_train_prompts(
             workdir / "checkpoints" / f"seed_{seed}", config.checkpoint
           )
         records.append(
-          train_lib._train_node_run(
+          runs_lib._train_node_run(
             model,
             config,
             graph,
@@ -286,7 +287,7 @@ def _load_selected(runs, model, source_config, graph, seed):
     stacked = checkpoints.restore_selected(
       runs["vmapped"], jax.vmap(template)(keys)
     )
-    return train_lib._seed_row(stacked, seed)
+    return runs_lib._seed_row(stacked, seed)
   return checkpoints.restore_selected(
     runs[seed], template(jax.random.key(seed))
   )

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
-from lorap_jax._src import train as train_lib
 from lorap_jax._src import train_state as state_lib
 from lorap_jax._src.data import sampling
 
@@ -56,7 +56,7 @@ def check_sampled_config(config) -> tuple[int, ...]:
 
 def train_node_runs(
   model, config, dataset, log, progress, checkpointer
-) -> list[train_lib.RunRecord]:
+) -> list[runs_lib.RunRecord]:
   """Every seed's sampled run (`checkpointer(name)` gives a run's)."""
   fanouts = check_sampled_config(config)
   csr = sampling.in_neighbor_csr(dataset.graph)
@@ -111,7 +111,7 @@ def _train_node_run(
   log,
   progress,
   checkpointer,
-) -> train_lib.RunRecord:
+) -> runs_lib.RunRecord:
   train_nodes = np.flatnonzero(dataset.train_mask)
   eval_nodes = {
     "val": np.flatnonzero(dataset.val_mask),
@@ -138,11 +138,11 @@ def _train_node_run(
   state = state_lib.initial_train_state(
     config, model, example, init_key, steps_per_epoch=steps_per_epoch
   )
-  finished = train_lib._finished_run(checkpointer, state)
+  finished = runs_lib._finished_run(checkpointer, state)
   if finished is not None:
     progress.update(config.train.epochs)
     return finished
-  loop = train_lib._RunLoop(
+  loop = runs_lib._RunLoop(
     config, state, checkpointer, rng, name=f"seed {seed} (sampled)"
   )
   if checkpointer is not None:
@@ -176,7 +176,7 @@ def _train_node_run(
       }
       return state, train, sums
 
-    (state, train_metrics, sums), elapsed = train_lib._timed(epoch_fn)
+    (state, train_metrics, sums), elapsed = runs_lib._timed(epoch_fn)
     metrics = steps_lib.summarize_eval(sums)
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed

@@ -47,6 +47,7 @@ from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
 from lorap_jax._src import distributed
 from lorap_jax._src import quantization as q
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train as train_lib
 from lorap_jax._src import train_state as state_lib
@@ -285,7 +286,7 @@ def update_selection(
   "abs_error").
 
   The same rule as `train_and_evaluate`'s on host (`criterion`, one of
-  `train.SELECTIONS`): the first epoch of best validation accuracy (correct
+  `runs.SELECTIONS`): the first epoch of best validation accuracy (correct
   counts, the count is fixed), of lowest validation loss (loss sums) or of
   lowest validation MAE (absolute-error sums), so the float64 division
   there cannot break a tie differently. Epochs from the first non-finite
@@ -355,7 +356,7 @@ def make_sweep_run(
 
   Returns:
     `run_one`, taking a `SweepPoint`, the graph and the `EvalBatch` of
-    `train.node_inputs`.
+    `runs.node_inputs`.
   """
   epochs = config.train.epochs
   criterion = config.train.selection
@@ -447,7 +448,7 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
     )
   train_lib._validate(config)
   node = data_lib.is_node_dataset(config.dataset)
-  allowed = ("val_acc", "val_loss") if node else train_lib.SELECTIONS
+  allowed = ("val_acc", "val_loss") if node else runs_lib.SELECTIONS
   if config.train.selection not in allowed:
     raise ValueError(
       f"selection={config.train.selection!r} is not one of {allowed} "
@@ -534,7 +535,7 @@ class _NodeTask:
   def __init__(self, config, dataset, mesh):
     self.dataset = dataset
     self.mesh = mesh
-    graph, eval_batch = train_lib.node_inputs(dataset, config)
+    graph, eval_batch = runs_lib.node_inputs(dataset, config)
     self.graph, self.eval_batch = distributed.put_replicated(
       (graph, eval_batch), mesh
     )

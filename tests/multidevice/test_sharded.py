@@ -16,8 +16,8 @@ import pytest
 
 import lorap_jax
 from lorap_jax._src import distributed, sweep
+from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
-from lorap_jax._src import train as train_lib
 from lorap_jax._src import train_state as state_lib
 
 pytestmark = pytest.mark.skipif(
@@ -53,7 +53,7 @@ def _host_batches(config, data_dir):
   # Budgets 8 divides, for both runs, so the shapes agree.
   budgets = lorap_jax.make_budgets(dataset.graphs, 32, shards=8)
   return list(
-    train_lib._graph_batches(
+    runs_lib._graph_batches(
       dataset, dataset.folds[0].train, config, budgets, shuffle=False, rng=None
     )
   )
@@ -72,8 +72,8 @@ def test_data_parallel_step_matches_one_device(framework, data_dir):
   boundaries and runs drift apart like any two summation orders would.
   """
   config = _graph_config(framework, 8)
-  mesh = train_lib.data_parallel_mesh(config)
-  place = train_lib._batch_placement(mesh)
+  mesh = runs_lib.data_parallel_mesh(config)
+  place = runs_lib._batch_placement(mesh)
   batches = _host_batches(config, data_dir)
   model = state_lib.create_model(config, num_classes=2, task="graph")
   # SGD, so parameter updates are proportional to the gradients (Adam's
