@@ -73,7 +73,8 @@ def check_bits(bits) -> None:
     )
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  """Refuses `value` unless it is one of `allowed`, naming the setting."""
   if value not in allowed:
     raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
@@ -237,8 +238,8 @@ def fake_quant(
     >>> fake_quant(jnp.array([0.2, 0.3, 2.0]), grid)
     Array([0. , 0.5, 1.5], dtype=float32)
   """
-  _check_choice("rounding", rounding, ROUNDING_MODES)
-  _check_choice("gradient", gradient, GRADIENT_MODES)
+  check_choice("rounding", rounding, ROUNDING_MODES)
+  check_choice("gradient", gradient, GRADIENT_MODES)
   qparams = QParams(*(jnp.asarray(f, jnp.float32) for f in qparams))
   return _fake_quant(x, qparams, rounding, gradient)
 
@@ -468,7 +469,7 @@ def calibrate(
   Returns:
     The new range state.
   """
-  _check_choice("calibration", config.mode, CALIBRATION_MODES)
+  check_choice("calibration", config.mode, CALIBRATION_MODES)
   x = jax.lax.stop_gradient(x)
   if config.mode == "percentile":
     lo, hi = observe_percentile(

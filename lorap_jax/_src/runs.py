@@ -143,8 +143,7 @@ class _Selector:
   val MAE (the earliest epoch on ties)."""
 
   def __init__(self, criterion: str):
-    if criterion not in SELECTIONS:
-      raise ValueError(f"selection={criterion!r} is not one of {SELECTIONS}")
+    q.check_choice("selection", criterion, SELECTIONS)
     self.criterion = criterion
     self.best: tuple[float, int, dict] | None = None
 

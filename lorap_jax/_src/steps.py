@@ -12,6 +12,7 @@ import optax
 
 from lorap_jax._src import a2q, mixq
 from lorap_jax._src import quant_points as qp
+from lorap_jax._src import quantization as q
 from lorap_jax._src import train_state as state_lib
 
 
@@ -40,10 +41,7 @@ def cross_entropy_loss(*, logits, labels, mask) -> jax.Array:
 
 def regression_loss(*, predictions, targets, mask, kind="l1") -> jax.Array:
   """Mean absolute ("l1") or squared ("mse") error where `mask` is True."""
-  if kind not in state_lib.REGRESSION_LOSSES:
-    raise ValueError(
-      f"kind={kind!r} is not one of {state_lib.REGRESSION_LOSSES}"
-    )
+  q.check_choice("kind", kind, state_lib.REGRESSION_LOSSES)
   errors = _regression_errors(predictions, targets, kind)
   weights = mask.astype(errors.dtype)
   return jnp.sum(errors * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -64,9 +62,8 @@ def task_loss(config: ml_collections.ConfigDict, task: str) -> str:
   """
   selection = config.train.selection
   if task == "regression":
-    loss, known = config.train.regression_loss, state_lib.REGRESSION_LOSSES
-    if loss not in known:
-      raise ValueError(f"train.regression_loss={loss!r} is not one of {known}")
+    loss = config.train.regression_loss
+    q.check_choice("train.regression_loss", loss, state_lib.REGRESSION_LOSSES)
     if selection == "val_acc":
       raise ValueError(
         f"{config.dataset} is a regression task: selection='val_acc' has "

@@ -26,6 +26,7 @@ from lorap_jax._src import (
 )
 from lorap_jax._src import config as config_lib
 from lorap_jax._src import data as data_lib
+from lorap_jax._src import quantization as q
 from lorap_jax._src import runs as runs_lib
 from lorap_jax._src import steps as steps_lib
 from lorap_jax._src import train_state as state_lib
@@ -58,12 +59,8 @@ def _validate(config) -> None:
   # The class count is the data's; every other field is checked here.
   task = "node" if data_lib.is_node_dataset(config.dataset) else "graph"
   state_lib.model_config(config, num_classes=1, task=task)
-  selection, known = config.train.selection, runs_lib.SELECTIONS
-  if selection not in known:
-    raise ValueError(f"selection={selection!r} is not one of {known}")
-  trainable, known = config.train.trainable, state_lib.TRAINABLE
-  if trainable not in known:
-    raise ValueError(f"train.trainable={trainable!r} is not one of {known}")
+  q.check_choice("selection", config.train.selection, runs_lib.SELECTIONS)
+  q.check_choice("train.trainable", config.train.trainable, state_lib.TRAINABLE)
   if config.train.trainable == "prompts" and config.prompt.kind == "none":
     raise ValueError(
       "train.trainable='prompts' with prompt kind 'none' trains nothing; "
@@ -114,10 +111,7 @@ def _validate(config) -> None:
       "sizes) or above 1 (the ratio between consecutive sizes)"
     )
   sampler = config.train.get("sampler", "full")
-  if sampler not in config_lib.SAMPLERS:
-    raise ValueError(
-      f"train.sampler={sampler!r} is not one of {config_lib.SAMPLERS}"
-    )
+  q.check_choice("train.sampler", sampler, config_lib.SAMPLERS)
   if sampler == "neighbor":
     from lorap_jax._src import sampled_training
 

@@ -106,10 +106,7 @@ class TrainState:
 def quant_config(config: ml_collections.ConfigDict) -> qp.QuantConfig:
   """The `QuantConfig` of a run; refuses unknown frameworks and bad bits."""
   framework = config.quant.framework
-  if framework not in config_lib.FRAMEWORKS:
-    raise ValueError(
-      f"framework={framework!r} is not one of {config_lib.FRAMEWORKS}"
-    )
+  q.check_choice("framework", framework, config_lib.FRAMEWORKS)
   if framework == "fp32":
     return qp.FP32
   q.check_bits(config.quant.bits)
@@ -399,8 +396,7 @@ def _trainable_transforms(transforms: dict, trainable: str) -> dict:
   """`transforms` with every group but "prompt" zeroed when only prompts
   train: the backbone and A2Q's learned quantizer parameters then get
   zero updates (and keep no optimizer moments)."""
-  if trainable not in TRAINABLE:
-    raise ValueError(f"train.trainable={trainable!r} is not one of {TRAINABLE}")
+  q.check_choice("train.trainable", trainable, TRAINABLE)
   if trainable == "all":
     return transforms
   return {
@@ -560,8 +556,7 @@ def create_train_state(
     update_statistics: whether training steps update the quantizer ranges
       and BatchNorm averages (`train.update_statistics`).
   """
-  if loss not in LOSSES:
-    raise ValueError(f"loss={loss!r} is not one of {LOSSES}")
+  q.check_choice("loss", loss, LOSSES)
   bits = jnp.asarray(bits, jnp.float32)
   variables = _init_variables(
     model,
