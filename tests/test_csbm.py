@@ -97,7 +97,7 @@ def test_csbm_is_a_node_dataset_of_its_config():
   config.csbm.num_nodes = 500
   config.csbm.num_classes = 3
   dataset = lorap_jax.load_dataset(
-    "csbm", None, **train_lib._dataset_options(config)
+    "csbm", None, **train_lib.dataset_options(config)
   )
   assert dataset.graph.nodes.shape == (500, 32)
   assert dataset.num_classes == 3

@@ -204,7 +204,7 @@ def test_prompts_only_training_freezes_the_backbone_bitwise(data_dir, tmp_path):
   graph, _ = runs_lib.node_inputs(dataset, config)
   model = lorap_jax.create_model(config, num_classes=7, task="node")
   init_key, _ = jax.random.split(jax.random.key(0))
-  initial = state_lib._init_variables(model, init_key, graph, jnp.float32(4))
+  initial = state_lib.init_variables(model, init_key, graph, jnp.float32(4))
   before_backbone, before_prompt = _split(initial["params"])
   after_backbone, after_prompt = _split(trained.params)
   assert before_backbone.keys() == after_backbone.keys()

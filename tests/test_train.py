@@ -230,7 +230,7 @@ def test_model_settings_are_checked_as_the_model_uses_them():
   config.model.architecture = "gat"
   config.model.hidden, config.model.heads = 12, 4
   # The early check once compared the width with the default 8 heads.
-  train._validate(config)
+  train.validate_config(config)
   model = state_lib.create_model(config, num_classes=7, task="node")
   assert (model.model.hidden, model.model.heads) == (12, 4)
 
@@ -443,7 +443,7 @@ def _csbm_inputs(**overrides):
   )
   config.csbm.num_nodes = 300
   dataset = lorap_jax.load_dataset(
-    "csbm", None, **train._dataset_options(config)
+    "csbm", None, **train.dataset_options(config)
   )
   model = lorap_jax.create_model(
     config, num_classes=dataset.num_classes, task="node"

@@ -44,7 +44,7 @@ class GraphRunInputs(NamedTuple):
     val_ids: ``[val_batches, batch_size]``.
     test_ids: ``[test_batches, batch_size]``.
     target_affine: regression with standardised targets: float32 ``[2]``,
-      the fold's training targets' mean and std (`runs._target_affine`);
+      the fold's training targets' mean and std (`runs.fold_target_affine`);
       else None.
   """
 
@@ -141,7 +141,7 @@ def make_graph_sweep_run(
     )
     state = state.replace(
       opt_state=state_lib.with_hyperparameters(
-        state.opt_state, sweep_lib._point_hyperparameters(point)
+        state.opt_state, sweep_lib.point_hyperparameters(point)
       )
     )
 
@@ -202,7 +202,7 @@ class GraphTask:
     self.dataset = dataset
     self.epochs = config.train.epochs
     self.batch_size = config.train.batch_size
-    self.folds = dict(train_lib._selected_folds(config, dataset))
+    self.folds = dict(train_lib.selected_folds(config, dataset))
     self.graphs = distributed.put_replicated(
       device_lib.device_graphs(dataset), mesh
     )
@@ -273,7 +273,7 @@ class GraphTask:
       schedule=schedule,
       val_ids=self._eval_ids[fold]["val"],
       test_ids=self._eval_ids[fold]["test"],
-      target_affine=runs_lib._target_affine(
+      target_affine=runs_lib.fold_target_affine(
         self.config, self.dataset, self.folds[fold]
       ),
     )
@@ -286,7 +286,7 @@ class GraphTask:
     return [
       {**point, "fold": fold}
       for fold in self.folds
-      for point in sweep_lib._points(values, numeric)
+      for point in sweep_lib.grid_points(values, numeric)
     ]
 
   def groups(self, points):
@@ -309,7 +309,7 @@ class GraphTask:
 
   def args(self, chunk, size: int) -> tuple:
     """(points, graph ids, dataset) of a chunk, stacked to `size`."""
-    padded = sweep_lib._padded(chunk, size)
+    padded = sweep_lib.padded_chunk(chunk, size)
     inputs = [self.inputs(p["seed"], p["fold"]) for p in padded]
     stacked = jax.tree.map(lambda *rows: np.stack(rows), *inputs)
-    return (sweep_lib._stack(chunk, size), stacked, self.graphs)
+    return (sweep_lib.stacked_points(chunk, size), stacked, self.graphs)

@@ -142,16 +142,16 @@ def post_train_prompts(
   source_config = _source_config(source)
   config = config_lib.with_fields(config, {"train.trainable": "prompts"})
   _check_compatible(source_config, config)
-  train_lib._validate(config)
+  train_lib.validate_config(config)
   version = train_lib.code_version()  # The code of this run, read now.
   runs = _source_runs(source, source_config, config.seeds)
-  train_lib._prepare_workdir(
+  train_lib.prepare_workdir(
     config, workdir, resume=False, checkpointed=config.checkpoint.enabled
   )
   dataset = data_lib.load_dataset(
     config.dataset,
     config.data_dir or None,
-    **train_lib._dataset_options(config),
+    **train_lib.dataset_options(config),
   )
   num_classes = dataset.num_classes
   source_model = state_lib.create_model(
@@ -165,7 +165,7 @@ def post_train_prompts(
   )
   source_graph, source_batch = runs_lib.node_inputs(dataset, source_config)
   graph, eval_batch = runs_lib.node_inputs(dataset, config)
-  log = runs_lib._MetricsLog(workdir / "metrics.jsonl")
+  log = runs_lib.MetricsLog(workdir / "metrics.jsonl")
   records, before = [], {"source": [], "initial": []}
   try:
     with tqdm.tqdm(
@@ -196,7 +196,7 @@ def post_train_prompts(
             workdir / "checkpoints" / f"seed_{seed}", config.checkpoint
           )
         records.append(
-          runs_lib._train_node_run(
+          runs_lib.train_node_run(
             model,
             config,
             graph,
@@ -210,7 +210,7 @@ def post_train_prompts(
         )
   finally:
     log.close()
-  summary = train_lib._summary(config, dataset, records, True, version)
+  summary = train_lib.run_summary(config, dataset, records, True, version)
   summary["post_training"] = {
     "source_workdir": str(source),
     "calibration_size": config.train.calibration_size,
@@ -229,7 +229,7 @@ def _check_compatible(source_config, config) -> None:
   """Refuses a config whose backbone differs from the trained one's."""
   saved = json.loads(source_config.to_json_best_effort())
   current = json.loads(config.to_json_best_effort())
-  differences = train_lib._config_differences(
+  differences = train_lib.config_differences(
     {k: saved[k] for k in BACKBONE_FIELDS},
     {k: current[k] for k in BACKBONE_FIELDS},
   )
@@ -287,7 +287,7 @@ def _load_selected(runs, model, source_config, graph, seed):
     stacked = checkpoints.restore_selected(
       runs["vmapped"], jax.vmap(template)(keys)
     )
-    return runs_lib._seed_row(stacked, seed)
+    return runs_lib.seed_row(stacked, seed)
   return checkpoints.restore_selected(
     runs[seed], template(jax.random.key(seed))
   )
@@ -322,7 +322,7 @@ def _start_variables(model, loaded, source_config, config, graph, seed):
   seed's init key, as `train_and_evaluate` would) stay.
   """
   init_key, _ = jax.random.split(jax.random.key(seed))
-  fresh = state_lib._init_variables(
+  fresh = state_lib.init_variables(
     model, init_key, graph, jax.numpy.asarray(config.quant.bits, "float32")
   )
   params = loaded.params

@@ -160,13 +160,13 @@ class _Selector:
       self.state = state
 
 
-def _timed(fn):
+def timed(fn):
   start = time.perf_counter()
   result = jax.block_until_ready(fn())
   return result, (time.perf_counter() - start) * 1e3
 
 
-class _RunLoop:
+class RunLoop:
   """One run's epoch bookkeeping: selection, times, checkpoints, resume.
 
   With a checkpointer it resumes from the newest readable checkpoint (the
@@ -281,7 +281,7 @@ def _restore_finished(checkpointer, template):
   return done, best, last
 
 
-def _finished_run(checkpointer, template) -> RunRecord | None:
+def finished_run(checkpointer, template) -> RunRecord | None:
   """The record of a run a checkpointer saw finish, or None."""
   finished = _restore_finished(checkpointer, template)
   if finished is None:
@@ -299,7 +299,7 @@ def _finished_run(checkpointer, template) -> RunRecord | None:
   )
 
 
-def _train_node_run(
+def train_node_run(
   model,
   config,
   graph,
@@ -323,11 +323,11 @@ def _train_node_run(
     start_from=start_from,
     update_statistics=config.train.update_statistics,
   )
-  finished = _finished_run(checkpointer, state)
+  finished = finished_run(checkpointer, state)
   if finished is not None:
     progress.update(config.train.epochs)
     return finished
-  loop = _RunLoop(config, state, checkpointer, name=f"seed {seed}")
+  loop = RunLoop(config, state, checkpointer, name=f"seed {seed}")
   if checkpointer is not None:
     log.drop(loop.start_epoch, seed=seed)
   progress.update(loop.start_epoch)
@@ -343,7 +343,7 @@ def _train_node_run(
         steps_lib.eval_step(new_state, eval_batch),
       )
 
-    (state, train_metrics, sums), elapsed = _timed(epoch_fn)
+    (state, train_metrics, sums), elapsed = timed(epoch_fn)
     metrics = steps_lib.summarize_eval([sums])
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed
@@ -367,10 +367,10 @@ _split_seeds_eval_step = jax.jit(
 )
 
 
-def _train_node_runs_vmapped(
+def train_node_runs_vmapped(
   model, config, graph, eval_batch, seeds, log, progress, checkpointer=None
 ) -> list[RunRecord]:
-  """`_train_node_run` for every seed at once, vmapped over the seeds.
+  """`train_node_run` for every seed at once, vmapped over the seeds.
 
   Each seed keeps its own initialisation and dropout keys (the same as the
   sequential runs'), its own validation selection, and its own record; the
@@ -423,16 +423,16 @@ def _train_node_runs_vmapped(
       new_states, train_metrics = seeds_train_step(states, train_batch, rngs)
       return new_states, train_metrics, seeds_eval_step(new_states, eval_batch)
 
-    (states, train_metrics, sums), elapsed = _timed(epoch_fn)
+    (states, train_metrics, sums), elapsed = timed(epoch_fn)
     times.append(elapsed / len(seeds))
     train_metrics, sums = jax.device_get((train_metrics, sums))
     moved = []
     for i, (seed, selector) in enumerate(zip(seeds, selectors, strict=True)):
-      seed_train = _seed_row(train_metrics, i)
+      seed_train = seed_row(train_metrics, i)
       _refuse_non_finite(
         seed_train["loss"], f"seed {seed} at epoch {epoch}", checkpointer
       )
-      metrics = steps_lib.summarize_eval([_seed_row(sums, i)])
+      metrics = steps_lib.summarize_eval([seed_row(sums, i)])
       previous = selector.best
       selector.update(epoch, metrics, None)
       moved.append(selector.best is not previous)
@@ -453,8 +453,8 @@ def _train_node_runs_vmapped(
       selector.best[2]["val"]["accuracy"],
       selector.best[2]["test"]["accuracy"],
       times,
-      _seed_row(selected, i),
-      last_state=_seed_row(states, i),
+      seed_row(selected, i),
+      last_state=seed_row(states, i),
     )
     for i, selector in enumerate(selectors)
   ]
@@ -469,7 +469,7 @@ def _train_node_runs_vmapped(
   return records
 
 
-def _seed_row(tree, i: int):
+def seed_row(tree, i: int):
   """Seed `i`'s slice of a tree stacked over seeds."""
   return jax.tree.map(lambda x: x[i], tree)
 
@@ -495,14 +495,14 @@ def _finished_vmapped_runs(checkpointer, template) -> list[RunRecord] | None:
       val_acc,
       test_acc,
       done["times"],
-      _seed_row(selected, i),
-      last_state=_seed_row(last, i),
+      seed_row(selected, i),
+      last_state=seed_row(last, i),
     )
     for i, (best_epoch, val_acc, test_acc) in enumerate(done["runs"])
   ]
 
 
-def _train_graph_run(
+def train_graph_run(
   model,
   config,
   dataset,
@@ -528,7 +528,7 @@ def _train_graph_run(
     init_key,
     steps_per_epoch=steps_per_epoch,
     loss=steps_lib.task_loss(config, dataset.task),
-    target_affine=_target_affine(config, dataset, fold),
+    target_affine=fold_target_affine(config, dataset, fold),
     update_statistics=config.train.update_statistics,
   )
   # Data parallel over several devices: the batch split, the state on all.
@@ -536,7 +536,7 @@ def _train_graph_run(
   place = _batch_placement(mesh)
   if place is not None:
     state = distributed.put_replicated(state, mesh)
-  finished = _finished_run(checkpointer, state)
+  finished = finished_run(checkpointer, state)
   if finished is not None:
     progress.update(config.train.epochs)
     return finished
@@ -549,7 +549,7 @@ def _train_graph_run(
     ]
     for name, indices in (("val", fold.val), ("test", fold.test))
   }
-  loop = _RunLoop(
+  loop = RunLoop(
     config, state, checkpointer, rng, name=f"fold {fold_index} seed {seed}"
   )
   if checkpointer is not None:
@@ -576,7 +576,7 @@ def _train_graph_run(
       ]
       return state, jnp.mean(jnp.stack(losses)), sums
 
-    (state, train_loss, sums), elapsed = _timed(epoch_fn)
+    (state, train_loss, sums), elapsed = timed(epoch_fn)
     metrics = steps_lib.summarize_eval(sums)
     log(
       seed=seed,
@@ -591,7 +591,7 @@ def _train_graph_run(
   return loop.record()
 
 
-def _target_affine(config, dataset, fold):
+def fold_target_affine(config, dataset, fold):
   """Regression with `train.standardize_targets`: the mean and std of the
   fold's training targets; else None (the raw output)."""
   if dataset.task != "regression" or not config.train.standardize_targets:
@@ -609,7 +609,7 @@ def _mixq_selection(config, state) -> tuple[dict[str, int], str]:
 
 
 class _StageLog:
-  """A `_MetricsLog` whose lines carry a MixQ stage (and drop only its)."""
+  """A `MetricsLog` whose lines carry a MixQ stage (and drop only its)."""
 
   def __init__(self, log, stage: str):
     self.log, self.stage = log, stage
@@ -621,7 +621,7 @@ class _StageLog:
     self.log.drop(from_epoch, stage=self.stage, **ids)
 
 
-def _train_mixq_node_run(
+def train_mixq_node_run(
   config,
   num_classes,
   graph,
@@ -646,7 +646,7 @@ def _train_mixq_node_run(
     model = state_lib.create_model(
       stage_config, num_classes=num_classes, task="node"
     )
-    return _train_node_run(
+    return train_node_run(
       model,
       stage_config,
       graph,
@@ -686,7 +686,7 @@ def _train_mixq_node_run(
   return fixed._replace(extras={"mixq_selected_bits": chosen})
 
 
-def _train_mixq_graph_run(
+def train_mixq_graph_run(
   model,
   config,
   dataset,
@@ -699,7 +699,7 @@ def _train_mixq_graph_run(
   checkpointer=None,
 ) -> RunRecord:
   """MixQ's graph-task schedule: the search, then QAT of the fixed widths
-  from scratch, each for `train.epochs` (`_train_graph_run`'s signature,
+  from scratch, each for `train.epochs` (`train_graph_run`'s signature,
   except that `checkpointer(stage)` gives each stage its checkpoints; each
   stage builds its own model)."""
   del model
@@ -708,7 +708,7 @@ def _train_mixq_graph_run(
     model = state_lib.create_model(
       stage_config, num_classes=dataset.num_classes, task="graph"
     )
-    return _train_graph_run(
+    return train_graph_run(
       model,
       stage_config,
       dataset,
@@ -742,7 +742,7 @@ def epochs_per_run(config) -> int:
   return 2 * config.train.epochs
 
 
-class _MetricsLog:
+class MetricsLog:
   """Appends one JSON line per epoch to `metrics.jsonl` in the workdir."""
 
   def __init__(self, path: pathlib.Path, *, append: bool = False):

@@ -70,7 +70,7 @@ def train_node_runs(
   for seed in range(config.seeds):
     progress.set_description(f"seed {seed}, sampled")
     records.append(
-      _train_node_run(
+      train_node_run(
         model,
         config,
         dataset.split_for_seed(seed),
@@ -100,7 +100,7 @@ def _batches(dataset, csr, nodes, config, fanouts, budget, *, shuffle, rng):
     yield batch.graph, batch.labels, batch.seed_mask
 
 
-def _train_node_run(
+def train_node_run(
   model,
   config,
   dataset,
@@ -138,11 +138,11 @@ def _train_node_run(
   state = state_lib.initial_train_state(
     config, model, example, init_key, steps_per_epoch=steps_per_epoch
   )
-  finished = runs_lib._finished_run(checkpointer, state)
+  finished = runs_lib.finished_run(checkpointer, state)
   if finished is not None:
     progress.update(config.train.epochs)
     return finished
-  loop = runs_lib._RunLoop(
+  loop = runs_lib.RunLoop(
     config, state, checkpointer, rng, name=f"seed {seed} (sampled)"
   )
   if checkpointer is not None:
@@ -176,7 +176,7 @@ def _train_node_run(
       }
       return state, train, sums
 
-    (state, train_metrics, sums), elapsed = runs_lib._timed(epoch_fn)
+    (state, train_metrics, sums), elapsed = runs_lib.timed(epoch_fn)
     metrics = steps_lib.summarize_eval(sums)
     log(
       seed=seed, epoch=epoch, train=train_metrics, metrics=metrics, ms=elapsed

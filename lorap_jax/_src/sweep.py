@@ -237,7 +237,7 @@ class SweepMetrics(NamedTuple):
   test_error_sum: jax.Array
 
 
-def _point_hyperparameters(point: SweepPoint) -> dict:
+def point_hyperparameters(point: SweepPoint) -> dict:
   """The optimizer values a point sets (`train_state.with_hyperparameters`)."""
   return {
     "backbone": {
@@ -371,7 +371,7 @@ def make_sweep_run(
     )
     state = state.replace(
       opt_state=state_lib.with_hyperparameters(
-        state.opt_state, _point_hyperparameters(point)
+        state.opt_state, point_hyperparameters(point)
       )
     )
 
@@ -446,7 +446,7 @@ def check_sweep_config(config: ml_collections.ConfigDict) -> None:
       "lorap sweep trains full-batch node tasks and mini-batched graph "
       f"tasks; train.sampler={config.train.sampler!r} runs with `lorap train`"
     )
-  train_lib._validate(config)
+  train_lib.validate_config(config)
   node = data_lib.is_node_dataset(config.dataset)
   allowed = ("val_acc", "val_loss") if node else runs_lib.SELECTIONS
   if config.train.selection not in allowed:
@@ -490,7 +490,7 @@ def _structural_names(config) -> tuple[str, ...]:
   return names
 
 
-def _points(values: Mapping[str, tuple], numeric: Sequence[str]) -> list:
+def grid_points(values: Mapping[str, tuple], numeric: Sequence[str]) -> list:
   """The cartesian product of the numeric axes, as a list of dicts."""
   return [
     dict(zip(numeric, combo, strict=True))
@@ -498,14 +498,16 @@ def _points(values: Mapping[str, tuple], numeric: Sequence[str]) -> list:
   ]
 
 
-def _padded(points: Sequence[Mapping[str, Any]], size: int) -> list:
+def padded_chunk(points: Sequence[Mapping[str, Any]], size: int) -> list:
   """`points` with the last repeated to `size` (the padding of a chunk)."""
   return list(points) + [points[-1]] * (size - len(points))
 
 
-def _stack(points: Sequence[Mapping[str, Any]], size: int) -> SweepPoint:
+def stacked_points(
+  points: Sequence[Mapping[str, Any]], size: int
+) -> SweepPoint:
   """Points stacked to `size` rows; the last is repeated as padding."""
-  padded = _padded(points, size)
+  padded = padded_chunk(points, size)
 
   def column(name, dtype):
     return np.asarray([p[name] for p in padded], dtype)
@@ -546,7 +548,7 @@ class _NodeTask:
     self._masks: dict[int, dict[str, np.ndarray]] = {}
 
   def points(self, values, numeric) -> list[dict[str, Any]]:
-    return _points(values, numeric)
+    return grid_points(values, numeric)
 
   def groups(self, points) -> list[list[dict[str, Any]]]:
     """Points that share a compiled program: all of them."""
@@ -577,13 +579,13 @@ class _NodeTask:
     """(points, graph, evaluation batch) of a chunk, stacked to `size`."""
     batch = self.eval_batch
     if self.per_seed:
-      seeds = [p["seed"] for p in _padded(chunk, size)]
+      seeds = [p["seed"] for p in padded_chunk(chunk, size)]
       masks = {
         name: np.stack([self.masks(seed)[name] for seed in seeds])
         for name in ("train", "val", "test")
       }
       batch = batch._replace(masks=masks)
-    return (_stack(chunk, size), self.graph, batch)
+    return (stacked_points(chunk, size), self.graph, batch)
 
 
 def _overridden(config, assignment: Mapping[str, Any]):
@@ -667,17 +669,17 @@ def run_sweep(
   _check_grid_for_config(config, values)
   structural = _structural_names(config)
   numeric = tuple(name for name in NUMERIC_AXES if name not in structural)
-  structures = _points(values, structural)
+  structures = grid_points(values, structural)
   # Every structure must build before anything trains.
   configs = [_overridden(config, s) for s in structures]
   for structure_config in configs:
-    train_lib._validate(structure_config)
+    train_lib.validate_config(structure_config)
   workdir = _prepare(workdir, config)
 
   dataset = data_lib.load_dataset(
     config.dataset,
     config.data_dir or None,
-    **train_lib._dataset_options(config),
+    **train_lib.dataset_options(config),
   )
   if isinstance(dataset, data_lib.NodeDataset):
     task = _NodeTask(config, dataset, mesh)

@@ -52,7 +52,7 @@ def _is_real(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _validate(config) -> None:
+def validate_config(config) -> None:
   """Refuses bad settings before any data is read or anything compiled."""
   state_lib.quant_config(config)
   state_lib.prompt_config(config)
@@ -79,7 +79,7 @@ def _validate(config) -> None:
       "train.trainable='prompts' with framework mixq: MixQ's width search "
       "and FP32 stage train the backbone; use another framework"
     )
-  for _, _, section, field in state_lib._hyperparameter_paths(config):
+  for _, _, section, field in state_lib.hyperparameter_paths(config):
     value = config[section][field]
     if not _is_real(value) or not 0 <= value < math.inf:
       raise ValueError(
@@ -155,16 +155,16 @@ def train_and_evaluate(
     The summary dict (also in `summary.json`); its "states" entry is not
     serialised and holds each run's selected `TrainState`.
   """
-  _validate(config)
+  validate_config(config)
   # Read now: a commit made while a long run trains must not be credited
   # with its result.
   version = code_version()
   workdir = pathlib.Path(workdir).absolute()
   staged = config.quant.framework == "mixq"
   checkpointed = config.checkpoint.enabled
-  _prepare_workdir(config, workdir, resume=resume, checkpointed=checkpointed)
+  prepare_workdir(config, workdir, resume=resume, checkpointed=checkpointed)
   dataset = data_lib.load_dataset(
-    config.dataset, config.data_dir or None, **_dataset_options(config)
+    config.dataset, config.data_dir or None, **dataset_options(config)
   )
   node_task = isinstance(dataset, data_lib.NodeDataset)
   steps_lib.task_loss(config, getattr(dataset, "task", "classification"))
@@ -178,7 +178,7 @@ def train_and_evaluate(
     input_width=dataset.num_features,
     aggregate_widths=model.aggregate_widths(dataset.num_features),
   )
-  log = runs_lib._MetricsLog(workdir / "metrics.jsonl", append=resume)
+  log = runs_lib.MetricsLog(workdir / "metrics.jsonl", append=resume)
   records: list[runs_lib.RunRecord] = []
   seeds = range(config.seeds)
 
@@ -211,7 +211,7 @@ def train_and_evaluate(
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
         if config.vmap_seeds and not staged:
           bar.set_description(f"{config.seeds} seeds, vmapped")
-          records = runs_lib._train_node_runs_vmapped(
+          records = runs_lib.train_node_runs_vmapped(
             model,
             config,
             graph,
@@ -226,7 +226,7 @@ def train_and_evaluate(
             bar.set_description(f"seed {seed}")
             seed_batch = runs_lib.seed_eval_batch(dataset, eval_batch, seed)
             if staged:
-              record = runs_lib._train_mixq_node_run(
+              record = runs_lib.train_mixq_node_run(
                 config,
                 dataset.num_classes,
                 graph,
@@ -237,7 +237,7 @@ def train_and_evaluate(
                 checkpointer=stage_checkpointers(f"seed_{seed}"),
               )
             else:
-              record = runs_lib._train_node_run(
+              record = runs_lib.train_node_run(
                 model,
                 config,
                 graph,
@@ -249,7 +249,7 @@ def train_and_evaluate(
               )
             records.append(record)
     else:
-      folds = _selected_folds(config, dataset)
+      folds = selected_folds(config, dataset)
       budgets = data_lib.make_budgets(
         dataset.graphs,
         config.train.batch_size,
@@ -258,9 +258,9 @@ def train_and_evaluate(
       )
       total = len(folds) * config.seeds * runs_lib.epochs_per_run(config)
       run_graph, run_checkpointer = (
-        (runs_lib._train_mixq_graph_run, stage_checkpointers)
+        (runs_lib.train_mixq_graph_run, stage_checkpointers)
         if staged
-        else (runs_lib._train_graph_run, checkpointer)
+        else (runs_lib.train_graph_run, checkpointer)
       )
       with tqdm.tqdm(total=total, disable=not progress, unit="ep") as bar:
         for fold_index, fold in folds:
@@ -282,7 +282,7 @@ def train_and_evaluate(
             release_compiled_code_if_needed()
   finally:
     log.close()
-  summary = _summary(config, dataset, records, node_task, version)
+  summary = run_summary(config, dataset, records, node_task, version)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   summary["states"] = [r.state for r in records]
   return summary
@@ -319,7 +319,7 @@ def release_compiled_code_if_needed() -> bool:
   return True
 
 
-def _selected_folds(config, dataset) -> list[tuple[int, data_lib.Fold]]:
+def selected_folds(config, dataset) -> list[tuple[int, data_lib.Fold]]:
   """(index, fold) of the config's folds, refusing ones the dataset lacks."""
   first = config.get("first_fold", 0)
   if first + config.folds > len(dataset.folds):
@@ -331,7 +331,7 @@ def _selected_folds(config, dataset) -> list[tuple[int, data_lib.Fold]]:
   return list(enumerate(dataset.folds))[first : first + config.folds]
 
 
-def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
+def prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
   """Creates the workdir and guards what an earlier run saved there."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def _prepare_workdir(config, workdir, *, resume, checkpointed) -> None:
       )
     if not saved_config.exists():
       raise ValueError(f"nothing to resume in {workdir}: no config.json")
-    differences = _config_differences(
+    differences = config_differences(
       json.loads(saved_config.read_text()), current
     )
     if differences:
@@ -375,7 +375,7 @@ _RESUMABLE_CHANGES = (
 )
 
 
-def _config_differences(saved: dict, current: dict, prefix="") -> list[str]:
+def config_differences(saved: dict, current: dict, prefix="") -> list[str]:
   """'key: saved -> now' for every field that differs, aside from the data
   directory and how often checkpoints are written."""
   differences = []
@@ -385,13 +385,13 @@ def _config_differences(saved: dict, current: dict, prefix="") -> list[str]:
     if path in _RESUMABLE_CHANGES or old == new:
       continue
     if isinstance(old, dict) and isinstance(new, dict):
-      differences += _config_differences(old, new, f"{path}.")
+      differences += config_differences(old, new, f"{path}.")
     else:
       differences.append(f"{path}: saved {old!r}, now {new!r}")
   return differences
 
 
-def _dataset_options(config) -> dict:
+def dataset_options(config) -> dict:
   if "csbm" in config:  # A generated graph: its own settings.
     return config.csbm.to_dict()
   if data_lib.is_node_dataset(config.dataset):
@@ -530,7 +530,7 @@ def code_version() -> str:
   return head.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
-def _summary(config, dataset, records, node_task, version) -> dict:
+def run_summary(config, dataset, records, node_task, version) -> dict:
   regression = getattr(dataset, "task", "classification") == "regression"
   # Epochs 0 and 1 include compilation; the rest are steady-state.
   steady = [t for r in records for t in r.epoch_times_ms[2:]]

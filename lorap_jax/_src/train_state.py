@@ -415,7 +415,7 @@ A2Q_QUANTIZER_GROUPS = (
 )
 
 
-def _hyperparameter_paths(config) -> list[tuple[str, str, str, str]]:
+def hyperparameter_paths(config) -> list[tuple[str, str, str, str]]:
   """(group, name, config section, config field) of each injected value the
   config sets; A2Q's groups only where it has A2Q settings."""
   paths = [
@@ -440,7 +440,7 @@ def injected_hyperparameters(config) -> dict[str, dict[str, float]]:
     f"a2q_{group}": {"learning_rate": 0.0, "weight_decay": 0.0}
     for group in A2Q_QUANTIZER_GROUPS
   }
-  for group, name, section, field in _hyperparameter_paths(config):
+  for group, name, section, field in hyperparameter_paths(config):
     values.setdefault(group, {})[name] = config[section][field]
   return values
 
@@ -483,7 +483,7 @@ def _optimizer(config, *, steps_per_epoch: int):
   if not config.train.lr_decay_every:
     steps_per_epoch = 1
   config = config.copy_and_resolve_references()
-  for _, _, section, field in _hyperparameter_paths(config):
+  for _, _, section, field in hyperparameter_paths(config):
     config[section][field] = 0.0
   return _cached_optimizer(config.to_json(), steps_per_epoch)
 
@@ -513,7 +513,7 @@ def initial_train_state(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _init_variables(model: models.GNN, rng, graph, bits, train: bool = False):
+def init_variables(model: models.GNN, rng, graph, bits, train: bool = False):
   # One compiled program rather than hundreds of eager ops, and one per
   # model (modules hash by value): seeds and folds reuse it. In training
   # mode (MixQ's calibration with BatchNorm) dropout draws from `rng` too,
@@ -558,7 +558,7 @@ def create_train_state(
   """
   q.check_choice("loss", loss, LOSSES)
   bits = jnp.asarray(bits, jnp.float32)
-  variables = _init_variables(
+  variables = init_variables(
     model,
     rng,
     graph,
