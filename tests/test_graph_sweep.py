@@ -107,7 +107,8 @@ def _logged(workdir, seed, fold, epoch):
 
 
 def _cli_sweep(data_dir, workdir, capsys, *flags):
-  """`lorap sweep` on MUTAG, QAT, 2 epochs: its stdout and CSV rows."""
+  """`lorap sweep` on MUTAG, QAT, 2 epochs, the small model of `_config`:
+  its stdout and CSV rows."""
   code = cli.main(
     [
       "sweep",
@@ -116,6 +117,8 @@ def _cli_sweep(data_dir, workdir, capsys, *flags):
       f"--workdir={workdir}",
       "--framework=qat",
       "--epochs=2",
+      "--layers=2",
+      "--hidden=32",
       "--no-progress",
       *flags,
     ]
