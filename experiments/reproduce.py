@@ -651,7 +651,8 @@ def prompt_effect(row, alone) -> str:
 
 
 # A prompt's effect is marked where a paired t-test (two-sided, runs as
-# pairs) gives p below this, uncorrected for the table's many comparisons.
+# pairs) gives p below this, uncorrected for the table's many comparisons
+# (bold), and again where it passes Holm's correction for them (a dagger).
 MARKED_P = 0.05
 
 
@@ -691,7 +692,19 @@ def _glance_lines(rows) -> list[str]:
       for f in FRAMEWORKS
     ]
     lines.append(f"| {name} | " + " | ".join(results) + " |")
-  marked = compared = 0
+  effects = {
+    (prompt, name, framework): _glance_effect(cells, framework, prompt)
+    for prompt in PROMPTS[1:]
+    for name, cells in finished.items()
+    for framework in QUANT_FRAMEWORKS
+  }
+  tested = [key for key, (_, p_value) in effects.items() if p_value is not None]
+  p_values = [effects[key][1] for key in tested]
+  corrected = {
+    key
+    for key, survives in zip(tested, holm_survivors(p_values), strict=True)
+    if survives
+  }
   for prompt in PROMPTS[1:]:
     lines += [
       "",
@@ -702,24 +715,38 @@ def _glance_lines(rows) -> list[str]:
       "| dataset | " + " | ".join(QUANT_FRAMEWORKS) + " |",
       "|---|" + "---|" * len(QUANT_FRAMEWORKS),
     ]
-    for name, cells in finished.items():
+    for name in finished:
       texts = []
       for framework in QUANT_FRAMEWORKS:
-        text, p_value = _glance_effect(cells, framework, prompt)
-        compared += p_value is not None
+        key = (prompt, name, framework)
+        text, p_value = effects[key]
         if p_value is not None and p_value < MARKED_P:
-          marked += 1
           text = f"**{text}**"
-        texts.append(text)
+        texts.append(text + (" †" if key in corrected else ""))
       lines.append(f"| {name} | " + " | ".join(texts) + " |")
+  marked = sum(p < MARKED_P for p in p_values)
   lines += [
     "",
     f"Bold: a paired t-test over the runs gives p < {MARKED_P} "
-    f"(two-sided, uncorrected): {marked} of {compared} run-by-run effects, "
-    f"against about {MARKED_P * compared:.0f} that chance alone would mark "
-    "if no prompt did anything.",
+    f"(two-sided, uncorrected): {marked} of {len(p_values)} run-by-run "
+    f"effects, against about {MARKED_P * len(p_values):.0f} that chance "
+    "alone would mark if no prompt did anything. †: significant still after "
+    f"Holm's correction over those {len(p_values)} tests (family-wise error "
+    f"{MARKED_P}): {len(corrected)}.",
   ]
   return lines
+
+
+def holm_survivors(p_values, alpha: float = MARKED_P) -> list[bool]:
+  """Holm's step-down procedure: which of the tests stay significant with
+  the chance of any false one held at `alpha`. The k-th smallest p (from
+  0) must be below alpha / (m - k), and every smaller one must pass too."""
+  survives = [False] * len(p_values)
+  for rank, index in enumerate(np.argsort(p_values, kind="stable")):
+    if not p_values[index] < alpha / (len(p_values) - rank):
+      break
+    survives[index] = True
+  return survives
 
 
 def _glance_effect(cells, framework, prompt) -> tuple[str, float | None]:

@@ -395,13 +395,30 @@ def test_prompt_effect_pairs_runs_and_falls_back_to_means(tmp_path):
   )
   assert alone_row in glance
   a2q = "+1.9 ± 0.3 (10 of 10 better)"
-  assert f"| cora, GCN | {paired} | -5.0 (means) | **{a2q}** |  |" in glance
+  # A2Q's effect passes Holm's correction over the two tests too (a dagger).
+  assert f"| cora, GCN | {paired} | -5.0 (means) | **{a2q}** † |  |" in glance
   assert "1 of 2 run-by-run effects" in glance
+  assert (
+    "Holm's correction over those 2 tests (family-wise error 0.05): 1."
+    in (glance)
+  )
   # With two degrees of freedom the two-sided p is 1 - t / sqrt(t^2 + 2).
   t = 2.0 / (1.0 / np.sqrt(3.0))
   p_value = reproduce.effect_p_value(np.array([1.0, 2.0, 3.0]))
   assert p_value == pytest.approx(1.0 - t / np.sqrt(t**2 + 2.0))
   assert reproduce.effect_p_value(np.zeros(4)) == 1.0
+
+
+def test_holm_steps_down_and_stops_at_the_first_failure():
+  # Thresholds 0.05 / 4, / 3, / 2, / 1 in order of p: the two 0.001 pass,
+  # the first 0.04 fails 0.025, and the second, though below 0.05, then
+  # fails with it.
+  survivors = reproduce.holm_survivors([0.04, 0.001, 0.04, 0.001])
+  assert survivors == [False, True, False, True]
+  assert reproduce.holm_survivors([0.02, 0.049, 0.001]) == [True, True, True]
+  # A p equal to its threshold (0.05 / 2) does not pass.
+  assert reproduce.holm_survivors([0.025, 0.5]) == [False, False]
+  assert reproduce.holm_survivors([]) == []
 
   # Regression: lower MAE is better.
   lorap = _mae_row("lorap", [1.4, 1.3, 1.6])
