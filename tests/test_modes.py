@@ -140,19 +140,25 @@ def _aqsol_subset(dataset, n_train: int, n_eval: int):
   )
 
 
-@pytest.mark.slow  # ~20 s: AqSol's RDKit build and three padded shapes.
+@pytest.mark.slow  # ~1 minute: AqSol's RDKit build and 10 short epochs.
 def test_aqsol_short_run_beats_the_training_mean(
   data_dir, tmp_path, monkeypatch
 ):
   pytest.importorskip("rdkit")
-  subset = _aqsol_subset(lorap_jax.load_aqsol(data_dir), 600, 150)
+  # 2,000 molecules, 10 epochs at the config's learning rate (1e-3): test
+  # MAE 1.68 for seed 0 (2.04 for seed 1) against 2.30 for the training
+  # mean. The earlier 600 molecules, 6 epochs at lr 1e-2 were unstable
+  # (validation MAE 1.0 to 2.9 from one epoch to the next), so the
+  # selected epoch moved with the batches' padding, a matter of rounding:
+  # 1.61 with three budgets, 1.75 with the padding ladder, against 1.69.
+  subset = _aqsol_subset(lorap_jax.load_aqsol(data_dir), 2000, 150)
   monkeypatch.setattr(data_lib, "load_dataset", lambda *a, **k: subset)
   config = lorap_jax.get_config("aqsol")
-  config.seeds, config.train.epochs = 1, 6
+  config.seeds, config.train.epochs = 1, 10
   config.quant.framework, config.prompt.kind = "fp32", "none"
   config.model.hidden, config.model.num_layers = 32, 2
   config.model.readout = "mean"
-  config.train.learning_rate, config.train.batch_size = 0.01, 64
+  config.train.batch_size = 64
   config.checkpoint.enabled = False
   summary = lorap_jax.train_and_evaluate(config, tmp_path)
   fold = subset.folds[0]
@@ -160,7 +166,7 @@ def test_aqsol_short_run_beats_the_training_mean(
   baseline = np.abs(subset.labels[fold.test] - mean).mean()
   assert summary["task"] == "regression"
   assert "test_acc_mean" not in summary
-  assert summary["test_mae_mean"] < 0.97 * baseline
+  assert summary["test_mae_mean"] < 0.9 * baseline
   assert "val_mae" in summary["protocol"] and "MAE" in summary["protocol"]
   row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
   assert {"train_loss", "val_mae", "test_mae", "val_loss"} <= row.keys()
