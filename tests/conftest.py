@@ -24,16 +24,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 _DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
 # Most of the suite's time is XLA compiling, and LLVM's optimisation of the
 # CPU code is much of that: at -O1 the suite takes about a fifth less time
-# than at the default -O2 (test_quantization and test_graph_sweep, one
-# process: 137 s against 174 s), and these small programs run about as fast.
+# than at the default -O2 (730 s against 910 s on 2 cores; test_quantization
+# and test_graph_sweep in one process: 137 s against 174 s), and these small
+# programs run about as fast.
 # Floating point keeps its IEEE semantics (no fast math at either level), but
 # the last bit of a result may move, as it does with XLA's fusion choices, and
 # quantized training amplifies that: products of quantized values sit on the
 # next quantizer's rounding boundaries (Cora INT4 QAT + LoRAP, 30 epochs: the
 # same loss to the last bit; Degree-Quant MUTAG: 0.640 against 0.646 after
 # one epoch). The suite passes at both levels; set the flag yourself to test
-# at another. (-O0 saves a little more, but once
-# segfaulted compiling an eager `jnp.sign` in test_quantization.)
+# at another. (-O0 saves a little more, but once segfaulted compiling an
+# eager `jnp.sign` in test_quantization.)
 _OPTIMIZATION_LEVEL = "--xla_backend_optimization_level"
 
 
