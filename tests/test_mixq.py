@@ -203,7 +203,8 @@ def test_every_selection_lowers_to_one_program(mutag_first_batch):
   config.model.num_layers, config.model.hidden = 2, 16
   batch = mutag_first_batch
   search = lorap_jax.create_model(config, num_classes=2, task="graph")
-  variables = search.init(jax.random.key(0), batch.graph, bits=4.0, train=False)
+  init = jax.jit(search.init, static_argnames="train")  # Eagerly: 7 s.
+  variables = init(jax.random.key(0), batch.graph, bits=4.0, train=False)
   components = mixq.selected_widths(variables["params"], search.quant.mixq)
   programs, losses = [], []
   for width in (2, 8):
@@ -345,7 +346,8 @@ def test_mixq_calibrates_a_batch_norm_model_as_in_training():
   assert last < 2 * first, (first, last)  # Batch-normalised: no growth.
   # Only the calibration differs from `init`: weights, logits, copies
   # are the same.
-  initial = model.init(key, graph, bits=jnp.float32(4.0), train=False)
+  init = jax.jit(model.init, static_argnames="train")
+  initial = init(key, graph, bits=jnp.float32(4.0), train=False)
   calibrated = flax.traverse_util.flatten_dict(params)
   for path, leaf in flax.traverse_util.flatten_dict(initial["params"]).items():
     if not path[-1].endswith(("_scale", "_zero")):
